@@ -1,0 +1,57 @@
+"""Checkpoint writing that never leaves a half-written file, and safe loading of foreign checkpoints."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from effsr.errors import CheckpointError
+
+
+def atomic_torch_save(obj: Any, path: _PATH) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace`` (atomic on POSIX)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning CheckpointIO whose saves are atomic: an interrupted save keeps the previous file intact."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+
+def load_untrusted(path: _PATH) -> Any:
+    """Loads a checkpoint from elsewhere with ``weights_only=True`` (reads the legacy format too).
+
+    Anything that would need arbitrary unpickling (code objects, custom classes) is refused.
+    """
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to load {path}: it needs arbitrary unpickling ({str(error).splitlines()[0]}). "
+            "effsr only reads plain tensors/state dicts from foreign checkpoints; re-save it as a state_dict "
+            "(torch.save(model.state_dict(), ...)) in a trusted environment."
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}. Is the file complete?") from error

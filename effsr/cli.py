@@ -1,0 +1,270 @@
+"""The ``effsr`` command: LightningCLI (fit/validate/test/predict) plus profile, convert, data and demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import netrc
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+from effsr.checkpointing import AtomicCheckpointIO
+from effsr.errors import ConfigError, EffSRError
+from effsr.phases import PhaseProgressBar
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+# ---------------------------------------------------------------------------- W&B
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _wandb_reachable(timeout: float = 3.0) -> bool:
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def ensure_wandb_mode() -> str | None:
+    """Switches W&B to offline mode when there are no credentials or no server; returns the reason.
+
+    A run never crashes or prompts for lack of credentials: it is written offline and can be uploaded
+    later with ``wandb sync <run dir>``.
+    """
+    if os.environ.get("WANDB_MODE", "").lower() in {"offline", "disabled", "dryrun"}:
+        return None
+    reason = None
+    if not _has_wandb_credentials():
+        reason = "no W&B credentials (set WANDB_API_KEY or run `wandb login`)"
+    elif not _wandb_reachable():
+        reason = "the W&B server is not reachable"
+    if reason:
+        os.environ["WANDB_MODE"] = "offline"
+        print(f"[effsr] W&B runs offline: {reason}. Upload later with `wandb sync <run dir>`.", file=sys.stderr)
+    return reason
+
+
+class EffSRSaveConfig(SaveConfigCallback):
+    """Saves the resolved config beside the run (overwriting, so re-runs in one folder work) and
+    attaches it to the logger's run (W&B: the run's config and a ``config.yaml`` file)."""
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        config_text = self.parser.dump(self.config, skip_none=False)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"effsr_config": yaml.safe_load(config_text)})
+            if isinstance(logger, WandbLogger):
+                run_dir = Path(logger.experiment.dir)
+                (run_dir / "effsr_config.yaml").write_text(config_text)
+
+
+# ---------------------------------------------------------------------------- LightningCLI
+class EffSRCLI(LightningCLI):
+    """LightningCLI with effsr's defaults: data.scale linked into the model, W&B offline fallback,
+    atomic checkpoints, a last.ckpt every epoch, a progress bar that names the phase."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        from effsr.data import SRDataModule
+        from effsr.models import SRModule
+
+        super().__init__(
+            SRModule,
+            SRDataModule,
+            subclass_mode_model=True,
+            save_config_callback=EffSRSaveConfig,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "use_distributed_sampler": False,
+                "default_root_dir": "runs",
+                "plugins": [AtomicCheckpointIO()],
+                "callbacks": [ModelCheckpoint(save_last=True, save_on_train_epoch_end=True), PhaseProgressBar()],
+            },
+            parser_kwargs={"description": _DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter},
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.scale", "model.init_args.network.init_args.scale", apply_on="parse")
+        parser.link_arguments("data.scale", "model.init_args.scale", apply_on="parse")
+        parser.add_argument("--output_dir", type=str | None, default=None,
+                            help="predict: folder for the SR PNGs (default: <default_root_dir>/predictions)")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        loggers = config.get("trainer", {}).get("logger")
+        loggers = loggers if isinstance(loggers, list) else [loggers]
+        if any("Wandb" in str(getattr(item, "class_path", item)) for item in loggers if item):
+            ensure_wandb_mode()
+
+    def _check_scale(self) -> None:
+        model_scale = getattr(self.model, "scale", None)
+        data_scale = getattr(self.datamodule, "scale", None)
+        if model_scale is not None and data_scale is not None and int(model_scale) != int(data_scale):
+            raise ConfigError(
+                f"data.scale is {data_scale} but the model's network is ×{model_scale}; "
+                "set the network's scale (model.init_args...scale) to data.scale."
+            )
+
+    def before_fit(self) -> None:
+        self._check_scale()
+
+    def before_validate(self) -> None:
+        self._check_scale()
+
+    def before_test(self) -> None:
+        self._check_scale()
+
+    def before_predict(self) -> None:
+        from effsr.inference.writer import SRImageWriter
+
+        self._check_scale()
+        config = self.config.get("predict", self.config)
+        output_dir = config.get("output_dir") or os.path.join(self.trainer.default_root_dir, "predictions")
+        if not any(isinstance(callback, SRImageWriter) for callback in self.trainer.callbacks):
+            self.trainer.callbacks.append(SRImageWriter(output_dir))
+
+
+_DESCRIPTION = """effsr: efficient image super-resolution (ASSL, SLS N:M sparsity, SMSR, ClassSR) on PyTorch Lightning.
+
+Train / evaluate:   effsr fit --config experiments/smsr_x4.yaml
+                    effsr test --config experiments/smsr_x4.yaml --ckpt_path runs/.../last.ckpt
+Resume a run:       effsr fit --config X.yaml --ckpt_path last
+Multi-GPU:          effsr fit --config X.yaml --config experiments/trainer/ddp.yaml
+Other commands:     effsr profile | convert | data | demo   (each with --help)
+"""
+
+
+# ---------------------------------------------------------------------------- experiments listing
+def experiment_dirs() -> list[Path]:
+    """Folders whose YAML files are listed by ``effsr`` without arguments."""
+    candidates = [Path.cwd() / "experiments", Path(__file__).resolve().parents[1] / "experiments", PACKAGE_CONFIGS]
+    seen: list[Path] = []
+    for candidate in candidates:
+        if candidate.is_dir() and candidate.resolve() not in [path.resolve() for path in seen]:
+            seen.append(candidate)
+    return seen
+
+
+def print_overview() -> None:
+    print(_DESCRIPTION)
+    for folder in experiment_dirs():
+        configs = sorted(folder.rglob("*.yaml"))
+        if not configs:
+            continue
+        print(f"Experiments in {folder}:")
+        for config in configs:
+            print(f"  {config.relative_to(folder)}")
+    print("\nSee `effsr fit --help` for every option.")
+
+
+# ---------------------------------------------------------------------------- profile / convert
+def load_module_from_config(config_args: list[str], ckpt_path: str | None) -> Any:
+    """Instantiates the model of an experiment config (and its checkpoint, structure first)."""
+    import torch
+
+    cli = EffSRCLI(args=[*config_args, "--trainer.logger=false"], run=False)
+    model = cli.model
+    if ckpt_path:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def profile_main(argv: list[str]) -> int:
+    from effsr.profile import format_profile_table, profile_network
+
+    parser = argparse.ArgumentParser(
+        prog="effsr profile",
+        description="Params, MACs at 1280×720 HR, MACs per 32×32 LR patch, latency and peak memory of the "
+        "model as it will be deployed (compact / sparse / routed).",
+    )
+    parser.add_argument("--config", action="append", required=True, help="experiment YAML (repeatable)")
+    parser.add_argument("--ckpt_path", default=None, help="checkpoint to profile (pruned/sparse structure included)")
+    parser.add_argument("--lr_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="LR input size for latency/memory (default: the 1280×720-HR input for the scale)")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs (median reported)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--output", default=None, help="also write the JSON report to this file")
+    args, overrides = parser.parse_known_args(argv)
+    config_args = [item for config in args.config for item in ("--config", config)] + overrides
+    model = load_module_from_config(config_args, args.ckpt_path)
+    from effsr.cost import lr_size_for_720p
+
+    lr_size = tuple(args.lr_size) if args.lr_size else lr_size_for_720p(model.scale)
+    report = profile_network(model.deployed_network(), model.scale, lr_size=lr_size, runs=args.runs,
+                             device=args.device)
+    report.update({f"method_{key}": value for key, value in model.cost_report().items()})
+    report["model"] = type(model).__name__
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report, indent=2, default=str) if args.json else format_profile_table(report))
+    return 0
+
+
+def convert_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="effsr convert",
+                                     description="Convert an official checkpoint into an effsr checkpoint.")
+    parser.add_argument("--method", choices=["smsr"], required=True)
+    parser.add_argument("--scale", type=int, required=True, choices=[2, 3, 4])
+    parser.add_argument("source", help="official checkpoint (a state_dict; loaded with weights_only=True)")
+    parser.add_argument("target", help="effsr checkpoint to write (use with `effsr test --ckpt_path`)")
+    args = parser.parse_args(argv)
+    from effsr.methods.smsr import convert_official_checkpoint
+
+    convert_official_checkpoint(args.source, args.target, args.scale)
+    print(f"wrote {args.target}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- entry point
+def main(args: list[str] | None = None) -> int:
+    """Entry point of the ``effsr`` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        if not argv:
+            print_overview()
+            return 0
+        command, rest = argv[0], argv[1:]
+        if command == "profile":
+            return profile_main(rest)
+        if command == "convert":
+            return convert_main(rest)
+        if command == "data":
+            from effsr.data.cli import data_main
+
+            return data_main(rest)
+        if command == "demo":
+            from effsr.demo import demo_main
+
+            return demo_main(rest)
+        EffSRCLI(args=argv)
+        return 0
+    except EffSRError as error:
+        print(f"effsr: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,530 @@
+"""Data sources, datasets and samplers of the SR pipeline.
+
+Sources (``resolve_train_sources`` / ``resolve_eval_set``), layouts as in conventions.md:
+
+- ``div2k``: ``<root>/DIV2K/DIV2K_train_HR/0001.png``, official LR ``DIV2K_train_LR_bicubic/X<s>/0001x<s>.png``;
+- ``flickr2k``: ``<root>/Flickr2K/Flickr2K_HR/000001.png``, ``Flickr2K_LR_bicubic/X<s>/000001x<s>.png``;
+- ``df2k``: both; ``sample``: the scikit-image photographs (``effsr.data.sample``);
+- any folder of HR images, optionally ``HR_DIR:LR_DIR``; an ``HR`` folder next to ``LR_bicubic/X<s>`` uses
+  that LR folder (EDSR's benchmark layout). LR files are ``<stem>x<s>.<ext>`` or ``<stem>.<ext>``.
+- eval only: ``div2k_valid`` (``DIV2K_valid_HR``, 0801–0900).
+
+Official LR is used when its folder exists (``lr_source="auto"``); otherwise LR is generated with the
+MATLAB-compatible bicubic and cached (``effsr.data.cache``).
+
+Training samples are keyed by ``SampleKey(epoch, position, index)``: ``position`` is the sample's place in
+the epoch's global draw order (over all ranks), so its random crop and dihedral element depend only on
+(seed, epoch, position): not on the DataLoader worker, the number of workers or the rank, and a resumed
+run redraws exactly the same samples. Randomness comes from a counter-based hash (splitmix64), and the
+dihedral element (hflip, vflip, transpose, each p = 0.5) is applied with albumentations pipelines whose
+transforms have p = 1, so albumentations' own RNG state never matters.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from effsr.data.cache import CachedPair, PairSource
+from effsr.data.io import IMAGE_SUFFIXES, list_images, read_image
+from effsr.errors import ConfigError, DataError
+
+OFFICIAL_LR_SCALES = (2, 3, 4)
+LRSource = Literal["auto", "official", "generated"]
+
+_LAYOUTS = {
+    "div2k": "<data_root>/DIV2K/DIV2K_train_HR/0001.png ... 0800.png "
+    "(official LR optional: <data_root>/DIV2K/DIV2K_train_LR_bicubic/X<s>/0001x<s>.png)",
+    "div2k_valid": "<data_root>/DIV2K/DIV2K_valid_HR/0801.png ... 0900.png "
+    "(official LR optional: <data_root>/DIV2K/DIV2K_valid_LR_bicubic/X<s>/0801x<s>.png)",
+    "flickr2k": "<data_root>/Flickr2K/Flickr2K_HR/000001.png ... 002650.png "
+    "(official LR optional: <data_root>/Flickr2K/Flickr2K_LR_bicubic/X<s>/000001x<s>.png)",
+    "folder": "a folder holding the HR images (.png/.jpg/...) directly, optionally given as HR_DIR:LR_DIR",
+}
+
+
+def check_scale(scale: int) -> None:
+    """Raises ConfigError unless ``scale`` is an integer ≥ 2."""
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 2:
+        raise ConfigError(f"data.scale must be an integer >= 2 (got {scale!r}): use 2, 3 or 4 for the standard sets")
+
+
+# ----------------------------------------------------------------------------------------------- sources
+def _hr_images(folder: Path, layout: str) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist; expected layout: {_LAYOUTS[layout]}")
+    images = list_images(folder)
+    if not images:
+        raise DataError(
+            f"data folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); expected layout: {_LAYOUTS[layout]}"
+        )
+    return images
+
+
+def _find_lr(lr_dir: Path, hr_path: Path, scale: int) -> Path:
+    for stem in (f"{hr_path.stem}x{scale}", hr_path.stem):
+        for suffix in (hr_path.suffix, *IMAGE_SUFFIXES):
+            candidate = lr_dir / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    raise DataError(
+        f"LR folder {lr_dir} has no LR image for {hr_path} (looked for {hr_path.stem}x{scale}.png / "
+        f"{hr_path.stem}.png): add it, or remove the LR folder so LR is generated"
+    )
+
+
+def pairs_from_folders(
+    hr_dir: Path, lr_dir: Path | None, scale: int, layout: str = "folder", prefix: str = ""
+) -> list[PairSource]:
+    """Pairs of the HR images in ``hr_dir`` with their LR files in ``lr_dir`` (None → generated LR)."""
+    images = _hr_images(hr_dir, layout)
+    return [
+        PairSource(prefix + path.stem, path, None if lr_dir is None else _find_lr(lr_dir, path, scale))
+        for path in images
+    ]
+
+
+def _official_lr_dir(candidate: Path, scale: int, lr_source: LRSource, what: str) -> Path | None:
+    if lr_source == "generated":
+        return None
+    if lr_source == "official":
+        if scale not in OFFICIAL_LR_SCALES:
+            raise ConfigError(
+                f"data.lr_source=official: official LR exists for x2/x3/x4 only, not x{scale}; "
+                "use lr_source=auto or generated"
+            )
+        if not candidate.is_dir():
+            raise DataError(f"data.lr_source=official but the LR folder {candidate} of {what} does not exist")
+        return candidate
+    return candidate if candidate.is_dir() else None
+
+
+def _named_source(
+    name: str, data_root: str | None, scale: int, lr_source: LRSource, split: Literal["train", "valid"]
+) -> list[PairSource]:
+    if data_root is None:
+        raise ConfigError(f"data set {name!r} needs data.data_root (the folder holding DIV2K/ and Flickr2K/)")
+    root = Path(data_root).expanduser()
+    if name == "flickr2k":
+        base = root / "Flickr2K"
+        hr_dir, lr_dir = base / "Flickr2K_HR", base / "Flickr2K_LR_bicubic" / f"X{scale}"
+    else:
+        base = root / "DIV2K"
+        hr_dir, lr_dir = base / f"DIV2K_{split}_HR", base / f"DIV2K_{split}_LR_bicubic" / f"X{scale}"
+    layout = "div2k_valid" if split == "valid" else name
+    return pairs_from_folders(hr_dir, _official_lr_dir(lr_dir, scale, lr_source, name), scale, layout)
+
+
+def _folder_source(entry: str, scale: int, lr_source: LRSource) -> tuple[str, list[PairSource]]:
+    """(set name, pairs) of a folder entry: ``HR_DIR``, ``HR_DIR:LR_DIR`` or an ``HR`` + ``LR_bicubic`` layout."""
+    hr_text, _, lr_text = entry.partition(":") if ":" in entry and not Path(entry).exists() else (entry, "", "")
+    hr_dir = Path(hr_text).expanduser()
+    name = hr_dir.resolve().name
+    if lr_text:
+        lr_dir: Path | None = Path(lr_text).expanduser()
+        if not lr_dir.is_dir():
+            raise DataError(f"LR folder {lr_dir} (from {entry!r}) does not exist: fix the HR_DIR:LR_DIR entry")
+        if lr_source == "generated":
+            lr_dir = None
+    else:
+        lr_dir = _official_lr_dir(hr_dir.parent / "LR_bicubic" / f"X{scale}", scale, lr_source, entry)
+    if hr_dir.name.upper() in ("HR", "GT", "GTMOD12"):
+        name = hr_dir.resolve().parent.name
+    return name, pairs_from_folders(hr_dir, lr_dir, scale)
+
+
+def resolve_train_sources(
+    train: str, data_root: str | None, scale: int, cache_dir: str | Path, lr_source: LRSource = "auto"
+) -> list[PairSource]:
+    """Training pairs of ``train``: sample | div2k | flickr2k | df2k | a folder of HR images."""
+    check_scale(scale)
+    key = train.lower()
+    if key == "sample":
+        from effsr.data.sample import sample_dir
+
+        return pairs_from_folders(sample_dir(cache_dir, "train"), None, scale)
+    if key in ("div2k", "flickr2k"):
+        return _named_source(key, data_root, scale, lr_source, "train")
+    if key == "df2k":
+        return [*_named_source("div2k", data_root, scale, lr_source, "train"),
+                *_named_source("flickr2k", data_root, scale, lr_source, "train")]
+    return _folder_source(train, scale, lr_source)[1]
+
+
+def resolve_eval_set(
+    entry: str, data_root: str | None, scale: int, cache_dir: str | Path, lr_source: LRSource = "auto"
+) -> tuple[str, list[PairSource]]:
+    """(set name, pairs) of an eval entry: sample | div2k_valid | HR folder | HR_DIR:LR_DIR."""
+    check_scale(scale)
+    key = entry.lower()
+    if key == "sample":
+        from effsr.data.sample import sample_dir
+
+        return "sample", pairs_from_folders(sample_dir(cache_dir, "heldout"), None, scale)
+    if key == "div2k_valid":
+        return "div2k_valid", _named_source("div2k", data_root, scale, lr_source, "valid")
+    return _folder_source(entry, scale, lr_source)
+
+
+def predict_paths(predict_path: str) -> list[Path]:
+    """LR images to super-resolve: a single file or the images of a folder."""
+    path = Path(predict_path).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        images = list_images(path)
+        if images:
+            return images
+        raise DataError(f"predict folder {path} holds no images: put LR images ({', '.join(IMAGE_SUFFIXES)}) in it")
+    raise DataError(f"data.predict_path {path} does not exist: give an LR image or a folder of LR images")
+
+
+# ----------------------------------------------------------------------------------------- randomness
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def sample_random(seed: int, epoch: int, position: int, stream: int) -> int:
+    """64 random bits that depend only on (seed, epoch, position, stream) (counter-based, splitmix64)."""
+    state = 0
+    for value in (seed, epoch, position, stream):
+        state = _splitmix64(state ^ (value & _MASK64))
+    return state
+
+
+class SampleKey(NamedTuple):
+    """What the train sampler yields: epoch, global position in the epoch's draw order, dataset index."""
+
+    epoch: int
+    position: int
+    index: int
+
+
+class _CV2Transpose(A.Transpose):
+    """albumentations' Transpose computed with cv2.transpose (6x faster than numpy's strided copy)."""
+
+    def apply(self, img: np.ndarray, **params: object) -> np.ndarray:
+        return cv2.transpose(np.ascontiguousarray(img))
+
+
+class DihedralAugment:
+    """The 8 elements of D4 (hflip, vflip, transpose, each p = 0.5) applied identically to LR and HR."""
+
+    def __init__(self) -> None:
+        self.pipelines = []
+        for element in range(8):
+            transforms: list[A.BasicTransform] = []
+            if element & 1:
+                transforms.append(A.HorizontalFlip(p=1.0))
+            if element & 2:
+                transforms.append(A.VerticalFlip(p=1.0))
+            if element & 4:
+                transforms.append(_CV2Transpose(p=1.0))
+            self.pipelines.append(A.Compose(transforms, additional_targets={"hr": "image"}, is_check_shapes=False))
+
+    def __call__(self, lr: np.ndarray, hr: np.ndarray, element: int) -> tuple[np.ndarray, np.ndarray]:
+        """Applies dihedral ``element`` (bit 0 hflip, bit 1 vflip, bit 2 transpose) to both arrays."""
+        if element == 0:
+            return lr, hr
+        out = self.pipelines[element](image=np.ascontiguousarray(lr), hr=np.ascontiguousarray(hr))
+        return out["image"], out["hr"]
+
+
+def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 array → contiguous (3,H,W) uint8 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+# ------------------------------------------------------------------------------------------- datasets
+class _CachedPairs:
+    """Lazily opened memory maps of cached pairs (reopened in each worker process)."""
+
+    def __init__(self, pairs: Sequence[CachedPair]) -> None:
+        self.pairs = list(pairs)
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        arrays = self._arrays.get(index)
+        if arrays is None:
+            arrays = self._arrays[index] = self.pairs[index].load()
+        return arrays
+
+    def lr_shape(self, index: int) -> tuple[int, int]:
+        hr, lr = self.pairs[index].load()
+        return int(lr.shape[0]), int(lr.shape[1])
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"pairs": self.pairs, "_arrays": {}}
+
+
+class _TrainBase(Dataset):
+    """Shared augmentation and sample-key handling of the two training datasets."""
+
+    def __init__(self, pairs: Sequence[CachedPair], scale: int, seed: int) -> None:
+        self.store = _CachedPairs(pairs)
+        self.scale = scale
+        self.seed = seed
+        self.augment = DihedralAugment()
+
+    def _key(self, key: SampleKey | tuple[int, int, int] | int) -> SampleKey:
+        if isinstance(key, (int, np.integer)):
+            return SampleKey(0, int(key), int(key))
+        return SampleKey(*(int(value) for value in key))
+
+    def _sample(self, lr: np.ndarray, hr: np.ndarray, key: SampleKey, stream: int) -> dict[str, torch.Tensor]:
+        element = sample_random(self.seed, key.epoch, key.position, stream) & 7
+        lr, hr = self.augment(lr, hr, element)
+        return {"lr": to_chw_tensor(lr), "hr": to_chw_tensor(hr), "index": torch.tensor(key.index, dtype=torch.int64)}
+
+
+class RandomPatchDataset(_TrainBase):
+    """Random LR-grid-aligned paired crops of whole cached images (``train_crop=random``); index = image."""
+
+    def __init__(
+        self, pairs: Sequence[CachedPair], scale: int, lr_patch_size: int, seed: int = 0, skip_small: bool = False
+    ) -> None:
+        if lr_patch_size < 1:
+            raise ConfigError(f"data.lr_patch_size must be >= 1, got {lr_patch_size}")
+        kept = []
+        for pair in pairs:
+            height, width = _CachedPairs([pair]).lr_shape(0)
+            if height >= lr_patch_size and width >= lr_patch_size:
+                kept.append(pair)
+            elif not skip_small:
+                raise DataError(
+                    f"image {pair.source.hr_path} ({width * scale}x{height * scale} after mod-crop) is smaller "
+                    f"than the HR patch {lr_patch_size * scale}x{lr_patch_size * scale} "
+                    f"(lr_patch_size={lr_patch_size} at x{scale}): remove it, lower data.lr_patch_size, "
+                    "or set data.skip_small_images=true"
+                )
+        if not kept:
+            raise DataError(f"no training image is at least {lr_patch_size * scale} pixels on each side")
+        super().__init__(kept, scale, seed)
+        self.lr_patch_size = lr_patch_size
+        self.shapes = [self.store.lr_shape(i) for i in range(len(kept))]
+
+    def __len__(self) -> int:
+        return len(self.store.pairs)
+
+    def __getitem__(self, key: SampleKey | tuple[int, int, int] | int) -> dict[str, torch.Tensor]:
+        key = self._key(key)
+        hr_image, lr_image = self.store.arrays(key.index)
+        height, width = self.shapes[key.index]
+        size, scale = self.lr_patch_size, self.scale
+        top = sample_random(self.seed, key.epoch, key.position, 1) % (height - size + 1)
+        left = sample_random(self.seed, key.epoch, key.position, 2) % (width - size + 1)
+        lr = lr_image[top : top + size, left : left + size]
+        hr = hr_image[top * scale : (top + size) * scale, left * scale : (left + size) * scale]
+        return self._sample(lr, hr, key, 3)
+
+
+def grid_positions(length: int, size: int, step: int) -> np.ndarray:
+    """Sub-image starts along one axis: every ``step``, plus one flush with the end (BasicSR's extraction)."""
+    if length < size:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.arange(0, length - size + 1, step, dtype=np.int64)
+    if starts[-1] + size < length:
+        starts = np.append(starts, length - size)
+    return starts
+
+
+class SubImageDataset(_TrainBase):
+    """Fixed grid sub-images of every cached (rescaled) image (``train_crop=grid``, ClassSR).
+
+    Sub-image ``i`` has a stable global index (``table[i] = (pair, lr_top, lr_left)``), the batch's ``index``.
+    """
+
+    def __init__(
+        self, pairs: Sequence[CachedPair], scale: int, hr_subimage_size: int = 128, hr_subimage_step: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if hr_subimage_size % scale or hr_subimage_step % scale or hr_subimage_step < scale:
+            raise ConfigError(
+                f"data.hr_subimage_size ({hr_subimage_size}) and data.hr_subimage_step ({hr_subimage_step}) must be "
+                f"positive multiples of the scale ({scale}) so LR sub-images lie on the LR grid"
+            )
+        super().__init__(pairs, scale, seed)
+        self.lr_size = hr_subimage_size // scale
+        lr_step = hr_subimage_step // scale
+        rows = []
+        for pair_index in range(len(self.store.pairs)):
+            height, width = self.store.lr_shape(pair_index)
+            tops, lefts = grid_positions(height, self.lr_size, lr_step), grid_positions(width, self.lr_size, lr_step)
+            grid = np.stack(np.meshgrid(tops, lefts, indexing="ij"), axis=-1).reshape(-1, 2)
+            rows.append(np.concatenate([np.full((len(grid), 1), pair_index, dtype=np.int64), grid], axis=1))
+        self.table = np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 3), dtype=np.int32)
+        if len(self.table) == 0:
+            raise DataError(
+                f"no training image is at least {hr_subimage_size} pixels on each side (data.hr_subimage_size)"
+            )
+
+    @property
+    def num_subimages(self) -> int:
+        """Number of sub-images (the global index range)."""
+        return len(self.table)
+
+    def __len__(self) -> int:
+        return self.num_subimages
+
+    def subimage(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(lr, hr) HxWx3 uint8 copies of sub-image ``index`` (no augmentation)."""
+        pair_index, top, left = (int(value) for value in self.table[index])
+        hr_image, lr_image = self.store.arrays(pair_index)
+        size, scale = self.lr_size, self.scale
+        lr = lr_image[top : top + size, left : left + size]
+        hr = hr_image[top * scale : (top + size) * scale, left * scale : (left + size) * scale]
+        return np.array(lr), np.array(hr)
+
+    def subimage_source(self, index: int) -> tuple[str, int, int]:
+        """(image name incl. rescale, HR top, HR left) of sub-image ``index``."""
+        pair_index, top, left = (int(value) for value in self.table[index])
+        return self.store.pairs[pair_index].name, top * self.scale, left * self.scale
+
+    def __getitem__(self, key: SampleKey | tuple[int, int, int] | int) -> dict[str, torch.Tensor]:
+        key = self._key(key)
+        lr, hr = self.subimage(key.index)
+        return self._sample(lr, hr, key, 3)
+
+
+class SubImageView(Dataset):
+    """Un-augmented grid sub-images in index order, ``{"lr", "hr", "index"}`` (for scoring, e.g. ClassSR)."""
+
+    def __init__(self, dataset: SubImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return self.dataset.num_subimages
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        lr, hr = self.dataset.subimage(index)
+        return {"lr": to_chw_tensor(lr), "hr": to_chw_tensor(hr), "index": torch.tensor(index, dtype=torch.int64)}
+
+
+class EvalDataset(Dataset):
+    """Whole mod-cropped images of one evaluation set: ``{"lr", "hr", "name"}``."""
+
+    def __init__(self, name: str, pairs: Sequence[CachedPair]) -> None:
+        self.name = name
+        self.store = _CachedPairs(pairs)
+
+    def __len__(self) -> int:
+        return len(self.store.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        hr, lr = self.store.pairs[index].load()
+        return {"lr": to_chw_tensor(lr), "hr": to_chw_tensor(hr), "name": self.store.pairs[index].source.name}
+
+
+class PredictDataset(Dataset):
+    """LR images of any size: ``{"lr", "name"}``."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        return {"lr": to_chw_tensor(read_image(self.paths[index])), "name": self.paths[index].stem}
+
+
+# ------------------------------------------------------------------------------------------- samplers
+def _distributed_rank(rank: int | None, num_replicas: int | None) -> tuple[int, int]:
+    if num_replicas is None:
+        ready = torch.distributed.is_available() and torch.distributed.is_initialized()
+        num_replicas = torch.distributed.get_world_size() if ready else 1
+        if rank is None:
+            rank = torch.distributed.get_rank() if ready else 0
+    rank = 0 if rank is None else rank
+    if not 0 <= rank < num_replicas:
+        raise ConfigError(f"sampler rank {rank} is outside [0, {num_replicas})")
+    return rank, num_replicas
+
+
+class TrainSampler(Sampler[SampleKey]):
+    """Iteration-based epochs: ``samples_per_epoch`` draws over all ranks (``// num_replicas`` per rank).
+
+    The epoch's global draw order concatenates seeded permutations of the pool (all indices, or the subset
+    set with ``set_subset``); rank r takes positions r, r + W, r + 2W, ... A subset change takes effect at
+    the next draw (minus what the DataLoader already prefetched).
+    """
+
+    def __init__(
+        self, dataset_size: int, samples_per_epoch: int, seed: int = 0, rank: int | None = None,
+        num_replicas: int | None = None,
+    ) -> None:
+        if samples_per_epoch < 1:
+            raise ConfigError(f"data.samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        self.dataset_size = dataset_size
+        self.samples_per_epoch = samples_per_epoch
+        self.seed = seed
+        self.rank, self.num_replicas = _distributed_rank(rank, num_replicas)
+        self.epoch = 0
+        self.subset: np.ndarray | None = None
+        self._subset_version = 0
+        if samples_per_epoch < self.num_replicas:
+            raise ConfigError(f"data.samples_per_epoch ({samples_per_epoch}) is below the number of ranks")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch (Lightning calls it at each epoch start)."""
+        self.epoch = epoch
+
+    def set_subset(self, indices: np.ndarray | Sequence[int] | None) -> None:
+        """Draw only from ``indices`` (None: from the whole dataset)."""
+        if indices is not None:
+            indices = np.unique(np.asarray(indices, dtype=np.int64))
+            if len(indices) == 0:
+                raise ConfigError("set_train_subset got an empty index set: every class needs at least one sample")
+            if indices[0] < 0 or indices[-1] >= self.dataset_size:
+                raise ConfigError(f"set_train_subset indices must lie in [0, {self.dataset_size})")
+        self.subset = indices
+        self._subset_version += 1
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch // self.num_replicas
+
+    def __iter__(self):
+        epoch, version = self.epoch, None
+        pool: np.ndarray = np.zeros(0, dtype=np.int64)
+        permutations: dict[int, np.ndarray] = {}
+        pool_key = 0
+        for position in range(self.rank, len(self) * self.num_replicas, self.num_replicas):
+            if version != self._subset_version:
+                version = self._subset_version
+                pool = np.arange(self.dataset_size) if self.subset is None else self.subset
+                pool_key = 0 if self.subset is None else zlib.crc32(pool.tobytes()) + 1
+                permutations = {}
+            cycle, offset = divmod(position, len(pool))
+            permutation = permutations.get(cycle)
+            if permutation is None:
+                generator = np.random.default_rng([self.seed, epoch, cycle, pool_key])
+                permutation = permutations[cycle] = generator.permutation(len(pool))
+            yield SampleKey(epoch, position, int(pool[permutation[offset]]))
+
+
+class EvalSampler(Sampler[int]):
+    """Splits images across ranks without padding: rank r gets r, r + W, ... (every image exactly once)."""
+
+    def __init__(self, dataset_size: int, rank: int | None = None, num_replicas: int | None = None) -> None:
+        self.dataset_size = dataset_size
+        self.rank, self.num_replicas = _distributed_rank(rank, num_replicas)
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.dataset_size, self.num_replicas))
+
+    def __iter__(self):
+        return iter(range(self.rank, self.dataset_size, self.num_replicas))

@@ -1,0 +1,557 @@
+"""SMSR (Wang et al., CVPR 2021): sparse-mask SR with Gumbel spatial/channel masks and real sparse inference.
+
+Network module names follow the official state_dict layout (``sub_mean``, ``head``, ``body.k.spa_mask``,
+``body.k.body.ch_mask``, ``body.k.body.body.i``, ``body.k.body.collect``, ``body.k.ca.conv_du``,
+``collect``, ``tail``, ``add_mean``), so converting a released checkpoint is a key copy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import tempfile
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from effsr.errors import CheckpointError
+from effsr.models.base import SRModule, log_image
+
+RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+def gumbel_softmax(logits: Tensor, dim: int, tau: float) -> Tensor:
+    """Soft Gumbel-softmax sample (no straight-through), as in the official code."""
+    gumbels = -torch.empty_like(logits).exponential_().log()
+    return ((logits + gumbels) / tau).softmax(dim)
+
+
+class MeanShift(nn.Conv2d):
+    """Fixed 1x1 conv adding (sign=+1) or subtracting (sign=-1) the DIV2K RGB mean times the pixel range."""
+
+    def __init__(self, pixel_range: float, sign: int) -> None:
+        super().__init__(3, 3, kernel_size=1)
+        self.weight.data.copy_(torch.eye(3).view(3, 3, 1, 1))
+        self.bias.data.copy_(sign * pixel_range * torch.tensor(RGB_MEAN))
+        for parameter in self.parameters():
+            parameter.requires_grad = False
+
+
+class CALayer(nn.Module):
+    """Channel attention: global pool → 1x1 → ReLU → 1x1 → sigmoid, multiplied in."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        self.conv_du = nn.Sequential(
+            nn.Conv2d(channels, channels // reduction, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels // reduction, channels, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.conv_du(x.mean(dim=(2, 3), keepdim=True))
+
+
+def _gemm_weight(weight: Tensor) -> Tensor:
+    """(Cout, Cin, 3, 3) → (9·Cin, Cout) matching pixel-major gathered rows ordered (ky, kx, cin)."""
+    return weight.permute(2, 3, 1, 0).reshape(9 * weight.shape[1], weight.shape[0]).contiguous()
+
+
+class SMB(nn.Module):
+    """Sparse mask block: ``n_layers`` masked 3x3 convs (no bias) + ReLU, concatenated → 1x1 ``collect``."""
+
+    def __init__(self, channels: int, n_layers: int = 4) -> None:
+        super().__init__()
+        self.channels = channels
+        self.n_layers = n_layers
+        self.ch_mask = nn.Parameter(torch.rand(1, channels, n_layers, 2))
+        self.body = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1, bias=False) for _ in range(n_layers))
+        self.collect = nn.Conv2d(channels * n_layers, channels, 1)
+        self._plan: dict[str, Any] | None = None
+        self._plan_key: tuple[int, ...] | None = None
+        self.last_macs = 0
+
+    def hard_channel_mask(self) -> Tensor:
+        """(channels, n_layers) bool: True where the output channel is sparse."""
+        return self.ch_mask[0, :, :, 1] > self.ch_mask[0, :, :, 0]
+
+    def forward_masked(self, x: Tensor, spatial: Tensor, channel: Tensor) -> Tensor:
+        """Training-rule forward. ``spatial`` (N,1,H,W); ``channel`` (1,C,L,2) with [dense, sparse] weights."""
+        outputs = []
+        feature = x
+        for index, conv in enumerate(self.body):
+            dense, sparse = channel[:, :, index : index + 1, :1], channel[:, :, index : index + 1, 1:]
+            if index == 0:
+                feature = conv(feature)
+                feature = feature * sparse * spatial + feature * dense
+            else:
+                previous_dense = channel[:, :, index - 1 : index, :1]
+                previous_sparse = channel[:, :, index - 1 : index, 1:]
+                from_dense = conv(feature * previous_dense)
+                from_sparse = conv(feature * previous_sparse)
+                feature = (
+                    from_dense * sparse * spatial
+                    + from_dense * dense
+                    + from_sparse * sparse * spatial
+                    + from_sparse * dense * spatial
+                )
+            feature = F.relu(feature)
+            outputs.append(feature)
+        return self.collect(torch.cat(outputs, 1))
+
+    def _weights_key(self) -> tuple[int, ...]:
+        return tuple(v for p in self.parameters() for v in (p._version, p.data_ptr()))
+
+    def plan(self) -> dict[str, Any]:
+        """Kernel split by the hard channel masks, cached until a parameter changes."""
+        key = self._weights_key()
+        if self._plan is not None and self._plan_key == key:
+            return self._plan
+        with torch.no_grad():
+            mask = self.hard_channel_mask()
+            layers = []
+            previous_dense = previous_sparse = None
+            for index, conv in enumerate(self.body):
+                dense_out = torch.nonzero(~mask[:, index]).squeeze(1)
+                sparse_out = torch.nonzero(mask[:, index]).squeeze(1)
+                weight = conv.weight
+                layer: dict[str, Any] = {"dense_out": dense_out, "sparse_out": sparse_out}
+                if index == 0:
+                    layer["w_dd"] = weight[dense_out].contiguous()
+                    layer["w_full_s"] = _gemm_weight(weight[sparse_out])
+                else:
+                    layer["w_dd"] = weight[dense_out][:, previous_dense].contiguous()
+                    layer["w_ds"] = _gemm_weight(weight[sparse_out][:, previous_dense])
+                    layer["w_s_all"] = torch.cat(
+                        [
+                            _gemm_weight(weight[sparse_out][:, previous_sparse]),
+                            _gemm_weight(weight[dense_out][:, previous_sparse]),
+                        ],
+                        1,
+                    ).contiguous()
+                layers.append(layer)
+                previous_dense, previous_sparse = dense_out, sparse_out
+            collect = self.collect.weight[:, :, 0, 0]
+            offsets = [index * self.channels for index in range(self.n_layers)]
+            dense_columns = torch.cat([layer["dense_out"] + off for layer, off in zip(layers, offsets, strict=True)])
+            sparse_columns = torch.cat([layer["sparse_out"] + off for layer, off in zip(layers, offsets, strict=True)])
+            self._plan = {
+                "layers": layers,
+                "collect_dense": collect[:, dense_columns].unsqueeze(-1).unsqueeze(-1).contiguous(),
+                "collect_sparse": collect[:, sparse_columns].t().contiguous(),
+                "collect_bias": self.collect.bias.detach().clone(),
+            }
+            self._plan_key = self._weights_key()
+        return self._plan
+
+    def forward_sparse(self, x: Tensor, spatial: Tensor) -> Tensor:
+        """Sparse execution with hard masks: dense channels via conv2d, sparse ones only at masked positions."""
+        plan = self.plan()
+        batch, channels, height, width = x.shape
+        padded_w = width + 2
+        flat_mask = spatial.reshape(-1) > 0.5
+        positions = torch.nonzero(flat_mask).squeeze(1)
+        n_pos = positions.numel()
+        image = positions // (height * width)
+        rest = positions % (height * width)
+        row, col = rest // width, rest % width
+        top_left = image * (height + 2) * padded_w + row * padded_w + col
+        offsets = torch.tensor([dy * padded_w + dx for dy in range(3) for dx in range(3)], device=x.device)
+        window = (top_left[:, None] + offsets[None, :]).reshape(-1)
+        center = top_left + padded_w + 1
+        macs = 0
+        dense_maps: list[Tensor] = []
+        sparse_values: list[Tensor] = []
+        dense_in = x
+        sparse_in: Tensor | None = None
+        for index, layer in enumerate(plan["layers"]):
+            n_dense, n_sparse = layer["dense_out"].numel(), layer["sparse_out"].numel()
+            dense_nhwc_padded = F.pad(dense_in.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)).reshape(
+                batch * (height + 2) * padded_w, dense_in.shape[1]
+            )
+            gathered_dense = dense_nhwc_padded.index_select(0, window).view(n_pos, 9 * dense_in.shape[1])
+            if index == 0:
+                sparse_out = gathered_dense @ layer["w_full_s"]
+                dense_out = F.conv2d(dense_in, layer["w_dd"], padding=1) if n_dense else None
+                macs += n_pos * gathered_dense.shape[1] * n_sparse + height * width * batch * 9 * channels * n_dense
+            else:
+                n_sparse_in = sparse_in.shape[1]
+                sparse_out = gathered_dense @ layer["w_ds"]
+                macs += n_pos * gathered_dense.shape[1] * n_sparse
+                if n_dense:
+                    dense_out = (
+                        F.conv2d(dense_in, layer["w_dd"], padding=1)
+                        if dense_in.shape[1]
+                        else x.new_zeros(batch, n_dense, height, width)
+                    )
+                    macs += batch * height * width * 9 * dense_in.shape[1] * n_dense
+                else:
+                    dense_out = None
+                if n_sparse_in:
+                    buffer = x.new_zeros(batch * (height + 2) * padded_w, n_sparse_in)
+                    buffer.index_copy_(0, center, sparse_in)
+                    from_sparse = buffer.index_select(0, window).view(n_pos, 9 * n_sparse_in) @ layer["w_s_all"]
+                    macs += n_pos * 9 * n_sparse_in * (n_sparse + n_dense)
+                    sparse_out = sparse_out + from_sparse[:, :n_sparse]
+                    if dense_out is not None:
+                        dense_out = dense_out.contiguous(memory_format=torch.channels_last)
+                        dense_flat = dense_out.permute(0, 2, 3, 1).view(-1, n_dense)
+                        dense_flat.index_add_(0, positions, from_sparse[:, n_sparse:])
+            sparse_in = F.relu(sparse_out)
+            dense_in = F.relu(dense_out) if dense_out is not None else x.new_zeros(batch, 0, height, width)
+            dense_maps.append(dense_in)
+            sparse_values.append(sparse_in)
+        dense_cat = torch.cat(dense_maps, 1)
+        output = (
+            F.conv2d(dense_cat, plan["collect_dense"], plan["collect_bias"])
+            if dense_cat.shape[1]
+            else plan["collect_bias"].view(1, -1, 1, 1).expand(batch, -1, height, width).clone()
+        )
+        macs += batch * height * width * dense_cat.shape[1] * channels
+        sparse_cat = torch.cat(sparse_values, 1)
+        if sparse_cat.shape[1]:
+            output = output.contiguous(memory_format=torch.channels_last)
+            output.permute(0, 2, 3, 1).view(-1, channels).index_add_(0, positions, sparse_cat @ plan["collect_sparse"])
+            macs += n_pos * sparse_cat.shape[1] * channels
+        self.last_macs = int(macs)
+        return output
+
+
+class SMM(nn.Module):
+    """Sparse mask module: SMM(x) = CA(SMB(x, spatial_mask(x))) + x."""
+
+    def __init__(self, channels: int, n_layers: int = 4) -> None:
+        super().__init__()
+        self.spa_mask = nn.Sequential(
+            nn.Conv2d(channels, channels // 4, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.AvgPool2d(2),
+            nn.Conv2d(channels // 4, channels // 4, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(channels // 4, 2, 3, stride=2, padding=1, output_padding=1),
+        )
+        self.body = SMB(channels, n_layers)
+        self.ca = CALayer(channels)
+
+    def spatial_logits(self, x: Tensor) -> Tensor:
+        """2-channel [dense, sparse] logits at x's resolution (odd sizes: replicate-pad to even, crop)."""
+        height, width = x.shape[-2:]
+        padded = F.pad(x, (0, width % 2, 0, height % 2), mode="replicate") if (height % 2 or width % 2) else x
+        return self.spa_mask(padded)[..., :height, :width]
+
+    def hard_spatial_mask(self, x: Tensor) -> Tensor:
+        logits = self.spatial_logits(x)
+        return (logits[:, 1:] > logits[:, :1]).to(x.dtype)
+
+
+class SMSR(nn.Module):
+    """SMSR network (plain nn.Module). ``forward``: soft Gumbel masks in training, sparse execution in eval.
+
+    Args:
+        scale: upscaling factor (2, 3 or 4).
+        num_features: width (64 in the paper).
+        num_modules: number of SMMs (5 in the paper).
+        num_layers: masked 3x3 convs per SMM (4 in the paper).
+        pixel_range: input/output range (255 for the official weights).
+        tau: Gumbel-softmax temperature (set every step by the ``tau`` schedule).
+
+    ``forced_spatial`` (list of (N,1,H,W) 0/1 masks per SMM) replaces the predicted spatial masks outside
+    training (benchmarks that mimic a checkpoint's sparsity).
+    """
+
+    def __init__(
+        self,
+        scale: int = 2,
+        num_features: int = 64,
+        num_modules: int = 5,
+        num_layers: int = 4,
+        pixel_range: float = 1.0,
+        tau: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.scale = scale
+        self.pixel_range = pixel_range
+        self.tau = tau
+        self.sparse_inference = True
+        self.sub_mean = MeanShift(pixel_range, -1)
+        self.add_mean = MeanShift(pixel_range, 1)
+        self.head = nn.Sequential(
+            nn.Conv2d(3, num_features, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(num_features, num_features, 3, padding=1),
+        )
+        self.body = nn.ModuleList(SMM(num_features, num_layers) for _ in range(num_modules))
+        self.collect = nn.Sequential(
+            nn.Conv2d(num_features * num_modules, num_features, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(num_features, num_features, 3, padding=1),
+        )
+        self.tail = nn.Sequential(nn.Conv2d(num_features, 3 * scale * scale, 3, padding=1), nn.PixelShuffle(scale))
+        self.last_densities: list[list[Tensor]] = []
+        self.last_spatial: list[Tensor] = []
+        self._last_macs: int | None = None
+        self.forced_spatial: list[Tensor] | None = None
+
+    def _run(self, x: Tensor, mode: str) -> Tensor:
+        """Shared skeleton; ``mode`` in {"soft", "hard", "dense", "sparse"}."""
+        x = self.sub_mean(x)
+        head = self.head(x)
+        feature = head
+        module_outputs = []
+        self.last_densities, self.last_spatial = [], []
+        macs = 0
+        for module_index, module in enumerate(self.body):
+            logits = module.spatial_logits(feature)
+            if self.forced_spatial is not None and mode != "soft":
+                forced = self.forced_spatial[module_index].to(logits)
+                logits = torch.cat([1 - 2 * forced, 2 * forced - 1], 1)
+            if mode == "soft":
+                spatial = gumbel_softmax(logits, 1, self.tau)[:, 1:]
+                channel = gumbel_softmax(module.body.ch_mask, 3, self.tau)
+            else:
+                spatial = (logits[:, 1:] > logits[:, :1]).to(feature.dtype)
+                sparse = module.body.hard_channel_mask().to(feature.dtype)[None, :, :, None]
+                channel = torch.cat([1 - sparse, sparse], 3)
+                if mode == "dense":
+                    channel = torch.cat([torch.ones_like(sparse), torch.zeros_like(sparse)], 3)
+            if mode == "sparse":
+                body = module.body.forward_sparse(feature, spatial)
+                macs += module.body.last_macs
+            else:
+                body = module.body.forward_masked(feature, spatial, channel)
+            spatial_mean = spatial.mean()
+            self.last_spatial.append(spatial.detach())
+            self.last_densities.append(
+                [
+                    spatial_mean * channel[0, :, layer, 1].mean() + channel[0, :, layer, 0].mean()
+                    for layer in range(module.body.n_layers)
+                ]
+            )
+            feature = module.ca(body) + feature
+            module_outputs.append(feature)
+        feature = self.collect(torch.cat(module_outputs, 1)) + head
+        out = self.tail(feature) + F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        self._last_macs = macs if mode == "sparse" else None
+        return self.add_mean(out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return self._run(x, "soft")
+        return self._run(x, "sparse" if self.sparse_inference else "hard")
+
+    def forward_train(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Soft-mask forward: SR and the sparsity term (mean over SMMs and layers of computed fraction)."""
+        sr = self._run(x, "soft")
+        return sr, torch.stack([d for module in self.last_densities for d in module]).mean()
+
+    def forward_hard(self, x: Tensor) -> Tensor:
+        """Training-rule forward with hard masks (the reference the sparse path must equal)."""
+        return self._run(x, "hard")
+
+    def forward_dense(self, x: Tensor) -> Tensor:
+        """The same network with every mask = 1 (dense channels everywhere)."""
+        return self._run(x, "dense")
+
+    def forward_sparse(self, x: Tensor) -> Tensor:
+        return self._run(x, "sparse")
+
+    def sparse_channel_counts(self) -> list[list[int]]:
+        """Number of sparse output channels per layer of each SMM."""
+        return [module.body.hard_channel_mask().sum(0).tolist() for module in self.body]
+
+    def train(self, mode: bool = True) -> SMSR:
+        for module in self.body:
+            module.body._plan = None
+        return super().train(mode)
+
+
+def analytic_macs_720p(network: SMSR, spatial_density: float) -> tuple[int, int]:
+    """(sparse, dense) MACs for a 1280x720 output at a uniform spatial density and the hard channel masks."""
+    lr_height, lr_width = {2: (360, 640), 3: (240, 426), 4: (180, 320)}[network.scale]
+    pixels = lr_height * lr_width
+    width = network.head[0].out_channels
+    n_modules, n_layers = len(network.body), network.body[0].body.n_layers
+    quarter = width // 4
+    shared = 9 * 3 * width + 9 * width * width + width * n_modules * width + 9 * width * width
+    shared += 9 * width * 3 * network.scale**2
+    shared_per_module = 9 * width * quarter + 9 * quarter * quarter / 4 + 9 * quarter * 2
+    dense = pixels * (
+        shared + n_modules * (shared_per_module + n_layers * 9 * width * width + n_layers * width * width)
+    )
+    sparse = pixels * (shared + n_modules * shared_per_module)
+    for module in network.body:
+        counts = module.body.hard_channel_mask().sum(0).tolist()
+        previous_sparse = 0
+        for n_sparse in counts:
+            n_dense = width - n_sparse
+            previous_dense = width - previous_sparse
+            layer_macs = 9 * previous_dense * n_dense + spatial_density * 9 * (
+                previous_dense * n_sparse + previous_sparse * width
+            )
+            sparse += pixels * layer_macs
+            sparse += pixels * width * (n_dense + spatial_density * n_sparse)
+            previous_sparse = n_sparse
+    return int(sparse), int(dense)
+
+
+class SMSRModule(SRModule):
+    """SMSR training/evaluation: L1 + λ·sparsity (linear warm-up), Gumbel τ from the ``tau`` schedule.
+
+    Args:
+        network: an :class:`SMSR`.
+        sparsity_weight: λ after warm-up (paper 0.1).
+        sparsity_warmup_steps: optimizer steps of the linear warm-up of λ (paper: 50 "epochs" of 1000 iterations).
+        constant_tau: if set, τ stays at this value (official code behaviour: 1.0) and the schedule is ignored.
+        **kwargs: forwarded to :class:`SRModule`.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        *args: Any,
+        sparsity_weight: float = 0.1,
+        sparsity_warmup_steps: int = 50_000,
+        constant_tau: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(network, *args, **kwargs)
+        self.sparsity_weight = sparsity_weight
+        self.sparsity_warmup_steps = sparsity_warmup_steps
+        self.constant_tau = constant_tau
+        if constant_tau is not None:
+            network.tau = constant_tau
+        self._eval_densities: list[float] = []
+
+    def sparsity_lambda(self) -> float:
+        if self.sparsity_warmup_steps <= 0:
+            return self.sparsity_weight
+        return self.sparsity_weight * min(self.global_step / self.sparsity_warmup_steps, 1.0)
+
+    def training_loss(self, lr: Tensor, hr: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        sr, sparsity = self.network.forward_train(lr)
+        l1 = F.l1_loss(sr, hr)
+        weight = self.sparsity_lambda()
+        logs = {
+            "l1": l1.detach(),
+            "sparsity": sparsity.detach(),
+            "lambda": torch.tensor(weight),
+            "tau": torch.tensor(float(self.network.tau)),
+        }
+        for index, spatial in enumerate(self.network.last_spatial):
+            logs[f"spatial_density_smm{index}"] = spatial.mean()
+        width = self.network.head[0].out_channels
+        for index, counts in enumerate(self.network.sparse_channel_counts()):
+            for layer, count in enumerate(counts):
+                logs[f"dense_channels/smm{index}_layer{layer}"] = torch.tensor(float(width - count))
+        return l1 + weight * sparsity, logs
+
+    def set_schedule_value(self, name: str, value: float) -> None:
+        super().set_schedule_value(name, value)
+        if name == "tau" and self.constant_tau is None:
+            self.network.tau = float(value)
+
+    def infer(self, lr: Tensor) -> Tensor:
+        sr = self.network(lr)
+        if not self.network.training and self.network.last_spatial:
+            self._eval_densities.append(float(torch.stack([s.mean() for s in self.network.last_spatial]).mean()))
+            self._cost_cache = None
+        return sr
+
+    def cost_report(self) -> dict[str, float]:
+        """MACs at 720p: sparse at the measured mean spatial density of the last evaluated images, and dense."""
+        density = sum(self._eval_densities[-100:]) / len(self._eval_densities[-100:]) if self._eval_densities else 1.0
+        sparse, dense = analytic_macs_720p(self.network, density)
+        params = sum(p.numel() for p in self.network.parameters()) - 2 * 12
+        return {
+            "params": float(params),
+            "macs_720p": float(sparse),
+            "macs_720p_dense": float(dense),
+            "spatial_density": density,
+        }
+
+    def on_eval_image(self, stage: str, set_name: str, name: str, lr: Tensor, sr: Tensor, hr: Tensor) -> None:
+        """Logs the spatial masks of every SMM of the first evaluated image per set as one strip."""
+        if (
+            self.logger is None
+            or not self.network.last_spatial
+            or getattr(self, "_mask_logged", None) == (stage, set_name, self.global_step)
+        ):
+            return
+        self._mask_logged = (stage, set_name, self.global_step)
+        strip = torch.cat([mask[0, 0] for mask in self.network.last_spatial], dim=1)
+        array = strip.mul(255).byte().unsqueeze(-1).expand(-1, -1, 3).cpu().numpy()
+        log_image(
+            self.logger,
+            f"{stage}_masks/{set_name}",
+            array,
+            caption=f"{name}: spatial masks SMM 0..{len(self.network.last_spatial) - 1}",
+            step=self.global_step,
+        )
+
+
+def convert_official_checkpoint(src: str, dst: str, scale: int) -> None:
+    """Converts an official SMSR state_dict (pixel range 255) into an effsr Lightning checkpoint, atomically."""
+    try:
+        loaded = torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{src} needs arbitrary unpickling to load (weights_only=True refused it: {error}); an official SMSR "
+            "checkpoint is a plain state_dict of tensors, so this file is not one — it is not loaded for safety."
+        ) from error
+    except (OSError, RuntimeError) as error:
+        raise CheckpointError(f"cannot read {src} as a torch checkpoint: {error}") from error
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict) or "head.0.weight" not in state:
+        raise CheckpointError(f"{src} is not an official SMSR state_dict (no `head.0.weight` key).")
+    width = state["head.0.weight"].shape[0]
+    n_modules = len({key.split(".")[1] for key in state if key.startswith("body.")})
+    n_layers = state["body.0.body.ch_mask"].shape[2]
+    found_scale = int(round(math.sqrt(state["tail.0.weight"].shape[0] / 3)))
+    if found_scale != scale:
+        raise CheckpointError(f"{src} is a ×{found_scale} SMSR checkpoint, but --scale {scale} was given.")
+    network = SMSR(scale=scale, num_features=width, num_modules=n_modules, num_layers=n_layers, pixel_range=255.0)
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{src}: key layout differs from SMSR: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{src}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}."
+            )
+    checkpoint = {
+        "state_dict": {f"network.{key}": value.float() for key, value in state.items()},
+        "hyper_parameters": {
+            "network": {
+                "class_path": "effsr.methods.smsr.SMSR",
+                "init_args": {
+                    "scale": scale,
+                    "num_features": width,
+                    "num_modules": n_modules,
+                    "num_layers": n_layers,
+                    "pixel_range": 255.0,
+                },
+            }
+        },
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": "2.6.0",
+        "converted_from": os.path.basename(src),
+    }
+    directory = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(directory, exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(checkpoint, tmp_path)
+        os.replace(tmp_path, dst)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)

@@ -1,0 +1,429 @@
+"""SRModule: the LightningModule every effsr method subclasses.
+
+It owns what all methods share: uint8 → float normalisation on the device, the pixel range of the network,
+L1 training, per-set validation/test metrics (Y-PSNR/SSIM and RGB PSNR, paper protocol), cost logging,
+sample images, tiled inference for large inputs, test results as JSON, and the phase hooks the
+:class:`effsr.phases.PhaseSchedule` callback drives. Methods override the small hooks documented in
+``docs/design.md`` (``training_loss``, ``infer``, ``on_phase_start``, ...), never the Lightning steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from effsr.cost import count_params, macs_at_720p
+from effsr.errors import ConfigError, TrainingError
+from effsr.inference.tiling import tiled_forward
+from effsr.metrics import PSNR, SSIM
+
+
+def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=2e-4, betas=(0.9, 0.999))
+
+
+class SRModule(L.LightningModule):
+    """Trains and evaluates one SR network.
+
+    Args:
+        network: the plain SR network (``scale`` and ``pixel_range`` attributes; I/O in [0, pixel_range]).
+        optimizer: optimizer factory (LightningCLI: ``class_path``/``init_args``); default Adam(2e-4, β=(0.9, 0.999)).
+        lr_scheduler: LR scheduler factory, stepped every optimizer step (SR papers count iterations).
+        tile_above_pixels: LR images with more pixels than this are processed in overlapping tiles
+            (bounded memory for 2K–8K inputs); set 0 to always tile, -1 to never tile.
+        tile_size: LR tile size for tiled inference.
+        tile_overlap: LR overlap between tiles (≥ the network's receptive radius keeps tiles exact).
+        log_images: number of validation images per set whose LR/bicubic/SR/HR crops are logged.
+        results_dir: where ``effsr test`` writes ``test_results.json`` (default: the trainer's root dir).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        tile_above_pixels: int = 1024 * 1024,
+        tile_size: int = 256,
+        tile_overlap: int = 16,
+        log_images: int = 1,
+        results_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        for attribute in ("scale", "pixel_range"):
+            if not hasattr(network, attribute):
+                raise ConfigError(
+                    f"model.network ({type(network).__name__}) has no `{attribute}` attribute; effsr networks "
+                    "take `scale` and `pixel_range` arguments (see docs/design.md)."
+                )
+        self.network = network
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.tile_above_pixels = tile_above_pixels
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+        self.log_images = log_images
+        self.results_dir = results_dir
+        self.phase_name: str | None = None
+        self.phase_settings: dict[str, Any] = {}
+        self.schedule_values: dict[str, float] = {}
+        self._cost_cache: dict[str, float] | None = None
+        self._eval_metrics = nn.ModuleDict()
+        self._eval_records: list[dict[str, Any]] = []
+        self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def scale(self) -> int:
+        return int(self.network.scale)
+
+    @property
+    def pixel_range(self) -> float:
+        return float(self.network.pixel_range)
+
+    # ------------------------------------------------------------------ method hooks
+    def training_loss(self, lr: Tensor, hr: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of one batch; ``lr``/``hr`` are in the network's pixel range. Default: L1."""
+        loss = F.l1_loss(self.network(lr), hr)
+        return loss, {"l1": loss.detach()}
+
+    def infer(self, lr: Tensor) -> Tensor:
+        """Inference path used by validation/test/predict (pixel range in and out)."""
+        return self.network(lr)
+
+    def parameters_to_train(self) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """What the optimizer gets in the current phase: parameters with ``requires_grad``."""
+        return [parameter for parameter in self.parameters() if parameter.requires_grad]
+
+    def on_phase_start(self, name: str, settings: dict[str, Any]) -> bool:
+        """Called when a phase begins. Return True when the trainable set or architecture changed."""
+        return "trainable" in settings
+
+    def phase_condition(self, name: str) -> bool:
+        """Whether the condition ``name`` that ends an ``until`` phase holds."""
+        raise ConfigError(
+            f"{type(self).__name__} reports no phase condition '{name}'; check `until:` in the PhaseSchedule config."
+        )
+
+    def set_schedule_value(self, name: str, value: float) -> None:
+        """Receives a continuous schedule's value (e.g. Gumbel tau) every step."""
+        self.schedule_values[name] = value
+
+    def structure_state(self) -> dict[str, Any]:
+        """Structural state (pruning plan, frozen patterns, splits) saved with the checkpoint."""
+        return {}
+
+    def rebuild_structure(self, state: dict[str, Any]) -> None:
+        """Re-applies :meth:`structure_state` before the state dict is loaded."""
+
+    def deployed_network(self) -> nn.Module:
+        """The network as it will be deployed (compact, sparse, routed) for cost counting and profiling."""
+        return self.network
+
+    def cost_report(self) -> dict[str, float]:
+        """Cost of the deployed model: params and MACs for a 1280×720 output (conventions.md).
+
+        Dense networks are counted on a meta-device copy (shapes only, no compute); methods whose cost
+        depends on the data (sparse, routed execution) override this with what they measured.
+        """
+        network = self.deployed_network()
+        try:
+            counted = macs_at_720p(copy.deepcopy(network).to("meta"), self.scale, device="meta")
+        except (NotImplementedError, RuntimeError):
+            counted = macs_at_720p(network, self.scale)
+        return {"params": float(count_params(network)), "macs_720p": float(counted)}
+
+    def on_eval_image(self, stage: str, set_name: str, name: str, lr: Tensor, sr: Tensor, hr: Tensor) -> None:
+        """Per-image hook for method-specific logging (mask images, routing maps); inputs in [0, 1]."""
+
+    # ------------------------------------------------------------------ phases
+    def enter_phase(self, name: str, settings: dict[str, Any]) -> bool:
+        """Applies a phase's generic settings, then the method's :meth:`on_phase_start`."""
+        self.phase_name = name
+        self.phase_settings = dict(settings)
+        self._cost_cache = None
+        changed = self._apply_trainable(settings)
+        changed = self.on_phase_start(name, self.phase_settings) or changed
+        return bool(changed or settings.get("rebuild_optimizer", False) or "lr" in settings)
+
+    def _apply_trainable(self, settings: dict[str, Any]) -> bool:
+        prefixes = settings.get("trainable")
+        if prefixes is None:
+            return False
+        if isinstance(prefixes, str):
+            prefixes = [prefixes]
+        names = [name for name, _ in self.named_parameters()]
+        for prefix in prefixes:
+            if prefix != "all" and not any(name.startswith(prefix) for name in names):
+                raise ConfigError(
+                    f"phase '{self.phase_name}': trainable prefix '{prefix}' matches no parameter; "
+                    f"parameters start with e.g. {sorted({n.split('.')[0] + '.' + n.split('.')[1] for n in names})[:8]}"
+                )
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_("all" in prefixes or any(name.startswith(prefix) for prefix in prefixes))
+        return True
+
+    # ------------------------------------------------------------------ Lightning: data
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """uint8 images travel through the loader; they become float [0, 1] on the device."""
+        for key in ("lr", "hr"):
+            if key in batch and batch[key].dtype == torch.uint8:
+                batch[key] = batch[key].float().div_(255.0)
+        return batch
+
+    # ------------------------------------------------------------------ Lightning: training
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        lr, hr = batch["lr"] * self.pixel_range, batch["hr"] * self.pixel_range
+        loss, logs = self.training_loss(lr, hr, batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}"
+                f"{f' in phase {self.phase_name!r}' if self.phase_name else ''}. Nothing was saved from this step; "
+                "resume from the last checkpoint with `--ckpt_path last` after lowering the learning rate "
+                "(model.init_args.optimizer.init_args.lr) or checking the training images."
+            )
+        batch_size = lr.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for key, value in logs.items():
+            self.log(f"train/{key}", value, batch_size=batch_size)
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if optimizer is not None:
+            self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=batch_size)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        parameters = self.parameters_to_train()
+        if not parameters:
+            raise ConfigError(
+                f"no trainable parameters in phase {self.phase_name!r}; check the phase's `trainable` setting."
+            )
+        optimizer = self.optimizer_factory(parameters)
+        if "lr" in self.phase_settings:
+            for group in optimizer.param_groups:
+                group["lr"] = float(self.phase_settings["lr"])
+                group["initial_lr"] = float(self.phase_settings["lr"])
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ Lightning: checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["effsr"] = {
+            "phase_name": self.phase_name,
+            "phase_settings": self.phase_settings,
+            "schedule_values": self.schedule_values,
+            "structure": self.structure_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("effsr")
+        if not state:
+            return
+        self.rebuild_structure(state.get("structure", {}))
+        self.phase_name = state.get("phase_name")
+        self.phase_settings = dict(state.get("phase_settings") or {})
+        self.schedule_values = dict(state.get("schedule_values") or {})
+        self._apply_trainable(self.phase_settings)
+        for name, value in self.schedule_values.items():
+            self.set_schedule_value(name, value)
+        self._cost_cache = None
+
+    # ------------------------------------------------------------------ inference
+    def super_resolve(self, lr: Tensor) -> Tensor:
+        """LR in [0, 1] → SR in [0, 1] through :meth:`infer`, tiled when the image is large."""
+        scaled = lr * self.pixel_range
+        pixels = lr.shape[-2] * lr.shape[-1]
+        if self.tile_above_pixels >= 0 and pixels > self.tile_above_pixels:
+            sr = tiled_forward(
+                scaled, self.infer, self.scale, patch_size=self.tile_size, overlap=self.tile_overlap, batch_size=4
+            )
+        else:
+            sr = self.infer(scaled)
+        return (sr / self.pixel_range).clamp_(0.0, 1.0)
+
+    def forward(self, lr: Tensor) -> Tensor:
+        return self.super_resolve(lr)
+
+    # ------------------------------------------------------------------ Lightning: evaluation
+    def _set_names(self) -> list[str]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = list(getattr(datamodule, "eval_set_names", []) or [])
+        return names
+
+    def _metrics_for(self, stage: str, set_name: str) -> nn.ModuleDict:
+        key = f"{stage}__{set_name}".replace(".", "_")
+        if key not in self._eval_metrics:
+            metrics = nn.ModuleDict(
+                {
+                    "psnr_y": PSNR(crop_border=self.scale, y_channel=True),
+                    "ssim_y": SSIM(crop_border=self.scale, y_channel=True),
+                    "psnr_rgb": PSNR(crop_border=self.scale, y_channel=False),
+                }
+            ).to(self.device)
+            self._eval_metrics[key] = metrics
+        return self._eval_metrics[key]
+
+    def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> None:
+        names = self._set_names()
+        set_name = names[dataloader_idx] if dataloader_idx < len(names) else f"set{dataloader_idx}"
+        lr, hr = batch["lr"], batch["hr"]
+        sr = self.super_resolve(lr)
+        if sr.shape != hr.shape:
+            raise ConfigError(
+                f"SR output {tuple(sr.shape)} does not match HR {tuple(hr.shape)} for {batch.get('name')}: "
+                f"is data.scale ({getattr(self.trainer.datamodule, 'scale', '?')}) the network's scale ({self.scale})?"
+            )
+        metrics = self._metrics_for(stage, set_name)
+        from effsr.metrics import psnr as psnr_fn
+        from effsr.metrics import ssim as ssim_fn
+
+        for metric in metrics.values():
+            metric.update(sr, hr)
+        image_names = list(batch.get("name") or [f"image{len(self._eval_records) + i:05d}" for i in range(len(lr))])
+        psnr_values = psnr_fn(sr, hr, crop_border=self.scale, y_channel=True)
+        ssim_values = ssim_fn(sr, hr, crop_border=self.scale, y_channel=True)
+        for index, image_name in enumerate(image_names):
+            self._eval_records.append(
+                {"set": set_name, "name": image_name, "psnr_y": float(psnr_values[index]),
+                 "ssim_y": float(ssim_values[index])}
+            )
+        self.on_eval_image(stage, set_name, image_names[0], lr, sr, hr)
+        if stage == "val" and self._images_logged.get(set_name, 0) < self.log_images and self.global_rank == 0:
+            self._images_logged[set_name] = self._images_logged.get(set_name, 0) + 1
+            self._log_sample_images(set_name, image_names[0], lr, sr, hr)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_records = []
+        self._images_logged: dict[str, int] = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_records = []
+        self._images_logged = {}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def _log_cost(self, stage: str) -> dict[str, float]:
+        if self._cost_cache is None:
+            self._cost_cache = {key: float(value) for key, value in self.cost_report().items()
+                                if isinstance(value, (int, float))}
+        for key, value in self._cost_cache.items():
+            self.log(f"cost/{key}", value, on_step=False, on_epoch=True)
+        return self._cost_cache
+
+    def _finish_eval(self, stage: str) -> dict[str, dict[str, float]]:
+        """Computes (synchronised over ranks) and logs each set's metrics, then resets them.
+
+        Every rank calls compute() for every set, also a rank that saw no image of a small set, so the
+        collective calls always match under DDP.
+        """
+        computed: dict[str, dict[str, float]] = {}
+        for set_name in self._set_names():
+            metrics = self._metrics_for(stage, set_name)
+            computed[set_name] = {key: float(metric.compute()) for key, metric in metrics.items()}
+            for metric in metrics.values():
+                metric.reset()
+            for key, value in computed[set_name].items():
+                self.log(f"{stage}/{set_name}/{key}", value, on_step=False, on_epoch=True,
+                         add_dataloader_idx=False, batch_size=1)
+        return computed
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+        if not self.trainer.sanity_checking:
+            self._log_cost("val")
+
+    def on_test_epoch_end(self) -> None:
+        computed = self._finish_eval("test")
+        cost = self._log_cost("test")
+        records = self._gather_records()
+        set_names = list(computed)
+        if self.global_rank != 0:
+            return
+        results: dict[str, Any] = {}
+        for set_name in set_names:
+            set_records = [record for record in records if record["set"] == set_name]
+            results[set_name] = {
+                **computed[set_name],
+                "n_images": len(set_records),
+                **{key: value for key, value in cost.items()},
+                "images": {record["name"]: {"psnr_y": record["psnr_y"], "ssim_y": record["ssim_y"]}
+                           for record in set_records},
+            }
+        results = self.extend_test_results(results)
+        self._write_results(results)
+
+    def extend_test_results(self, results: dict[str, Any]) -> dict[str, Any]:
+        """Lets a method add its own per-set entries (class proportions, measured sparsity) to the JSON."""
+        return results
+
+    def _gather_records(self) -> list[dict[str, Any]]:
+        if not (dist.is_available() and dist.is_initialized()):
+            return list(self._eval_records)
+        gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self._eval_records)
+        return [record for part in gathered for record in (part or [])]
+
+    def _write_results(self, results: dict[str, Any]) -> None:
+        root = Path(self.results_dir or self.trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / "test_results.json"
+        temporary = path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(results, indent=2))
+        os.replace(temporary, path)
+        lines = [f"{'set':<16}{'n':>5}{'PSNR-Y':>9}{'SSIM-Y':>9}{'PSNR-RGB':>10}{'GMACs@720p':>12}{'params':>11}"]
+        for set_name, row in results.items():
+            lines.append(
+                f"{set_name:<16}{row['n_images']:>5}{row['psnr_y']:>9.3f}{row['ssim_y']:>9.4f}{row['psnr_rgb']:>10.3f}"
+                f"{row.get('macs_720p', math.nan) / 1e9:>12.2f}{row.get('params', math.nan) / 1e6:>10.3f}M"
+            )
+        print("\n".join(lines) + f"\ntest results written to {path}", flush=True)
+
+    def _log_sample_images(self, set_name: str, name: str, lr: Tensor, sr: Tensor, hr: Tensor) -> None:
+        """LR (nearest) / bicubic / SR / HR side by side, a centre crop, to whatever logger is attached."""
+        logger = self.logger
+        if logger is None:
+            return
+        crop = 192
+        height, width = hr.shape[-2:]
+        top, left = max(0, (height - crop) // 2), max(0, (width - crop) // 2)
+        top, left = top - top % self.scale, left - left % self.scale
+        window = (slice(None), slice(None), slice(top, top + crop), slice(left, left + crop))
+        lr_up = F.interpolate(lr, scale_factor=self.scale, mode="nearest")
+        bicubic = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
+        panels = [image[window][0] for image in (lr_up, bicubic, sr, hr)]
+        strip = torch.cat(panels, dim=-1)
+        array = (strip.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+        log_image(logger, f"val_images/{set_name}", array, caption=f"{name}: LR | bicubic | SR | HR",
+                  step=self.global_step)
+
+    # ------------------------------------------------------------------ Lightning: predict
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        sr = self.super_resolve(batch["lr"])
+        return {"sr": sr, "name": batch.get("name", [f"{batch_idx:06d}"])}
+
+
+def log_image(logger: Any, key: str, image: np.ndarray, caption: str, step: int) -> None:
+    """Logs an HxWx3 uint8 image to W&B or TensorBoard; other loggers are ignored."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        logger.log_image(key=key, images=[image], caption=[caption], step=step)
+    elif isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")

@@ -1,0 +1,300 @@
+"""ASSL: weight-norm identity, channel analysis, plans, SSA/growing L2, pruning equality, checkpoints, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import lightning
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from effsr.archs import EDSR, LEDSR
+from effsr.methods.assl import (
+    ASSLModule,
+    GrowingL2,
+    WNConv2d,
+    analyze_channels,
+    compute_plan,
+    conv_shapes,
+    convert_to_weight_norm,
+    mask_network,
+    num_kept,
+    prune_network,
+    pruned_indices,
+    ssa_loss,
+)
+from effsr.phases import Phase, PhaseSchedule
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_ledsr(scale: int = 2, features: int = 16, blocks: int = 3) -> LEDSR:
+    torch.manual_seed(0)
+    return LEDSR(scale, num_features=features, num_blocks=blocks)
+
+
+def randomise_gammas(network: nn.Module) -> None:
+    """Gives every WN layer distinct, random filter scales (and biases) so pruning choices matter."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, WNConv2d):
+                module.gamma.mul_(torch.rand(module.gamma.shape, generator=generator) * 2)
+                module.bias.add_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+
+
+def test_analysis_matches_ledsr_declaration() -> None:
+    network = small_ledsr(blocks=4)
+    structure = analyze_channels(network)
+    declared = network.prunable_layers()
+    assert [group.producers for group in structure.constrained] == [declared["constrained"]]
+    assert [group.producers[0] for group in structure.free] == declared["free"]
+    assert structure.fixed == declared["input_only"]
+    assert "tail_conv" in structure.constrained[0].consumers
+    assert all(group.consumers == [group.key.replace("conv1", "conv2")] for group in structure.free)
+
+
+def test_analysis_never_prunes_convs_feeding_pixel_shuffle() -> None:
+    torch.manual_seed(0)
+    structure = analyze_channels(EDSR(4, num_features=8, num_blocks=2))
+    assert {"upsampler.0", "upsampler.2", "tail"} <= set(structure.fixed)
+    assert structure.constrained[0].consumers[-1] == "upsampler.0"
+    assert analyze_channels(EDSR(4, num_features=8, num_blocks=2), skip_layers=["blocks.0.*"]).free[0].key == (
+        "blocks.1.conv1")
+
+
+def test_weight_norm_identity() -> None:
+    network = small_ledsr()
+    lr = torch.rand(2, 3, 12, 10)
+    dense_output = network(lr)
+    structure = analyze_channels(network)
+    convert_to_weight_norm(network, [name for group in structure.groups for name in group.producers])
+    wn_layers = [module for module in network.modules() if isinstance(module, WNConv2d)]
+    assert len(wn_layers) == 2 * 3 + 2
+    torch.testing.assert_close(wn_layers[0].gamma, wn_layers[0].weight.flatten(1).norm(dim=1))
+    torch.testing.assert_close(network(lr), dense_output, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("channels", "ratio", "keep", "multiple", "expected"), [
+    (256, 0.80859375, None, None, 49), (256, None, 49, None, 49), (256, 0.80859375, None, 8, 48),
+    (256, 0.80859375, None, 16, 48), (256, None, 52, 8, 56), (4, 0.99, None, None, 1), (16, 0.5, None, None, 8),
+    (10, 0.25, None, None, 7), (8, None, 100, None, 8), (8, None, 3, 16, 8),
+])
+def test_num_kept(channels: int, ratio: float | None, keep: int | None, multiple: int | None, expected: int) -> None:
+    assert num_kept(channels, ratio, keep, multiple) == expected
+
+
+def test_constrained_ranking_first_or_sum() -> None:
+    network = small_ledsr(features=8, blocks=2)
+    structure = analyze_channels(network)
+    group = structure.constrained[0]
+    with torch.no_grad():
+        for index, name in enumerate(group.producers):
+            weight = network.get_submodule(name).weight
+            weight.mul_(1e-3)
+            weight[index] *= 1e4
+    assert compute_plan(network, structure, keep=1, ranking="first")["head"] == [0]
+    assert compute_plan(network, structure, keep=4, ranking="sum")["head"] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("architecture", ["ledsr", "edsr"])
+def test_pruned_equals_masked(architecture: str) -> None:
+    torch.manual_seed(0)
+    network = (LEDSR(3, num_features=16, num_blocks=3) if architecture == "ledsr"
+               else EDSR(2, num_features=16, num_blocks=2))
+    structure = analyze_channels(network)
+    convert_to_weight_norm(network, [name for group in structure.groups for name in group.producers])
+    randomise_gammas(network)
+    plan = compute_plan(network, structure, ratio=0.6)
+    assert {len(kept) for kept in plan.values()} == {6}
+    compact = prune_network(network, structure, plan)
+    masked = copy.deepcopy(network)
+    mask_network(masked, structure, plan)
+    lr = torch.rand(2, 3, 11, 9)
+    with torch.no_grad():
+        difference = (compact(lr) - masked(lr)).abs().max().item()
+        assert (masked(lr) - network(lr)).abs().max().item() > 1e-3
+    assert difference <= 1e-5
+    assert not any(isinstance(module, WNConv2d) for module in compact.modules())
+    assert compact.head.weight.shape == (6, 3, 3, 3)
+    assert compact.blocks[0].conv1.weight.shape == (6, 6, 3, 3)
+    if architecture == "ledsr":
+        assert compact.tail_conv.weight.shape == (27, 6, 3, 3)
+    else:
+        assert compact.upsampler[0].weight.shape == (64, 6, 3, 3)
+    assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in network.parameters()) / 2
+
+
+def test_growing_l2_schedule_values() -> None:
+    growth = GrowingL2(interval=20, step=1e-4, limit=5e-4)
+    assert growth.alpha("a", 100) == 0.0
+    growth.start("a", 100)
+    growth.start("a", 150)
+    assert growth.alpha("a", 118) == 0.0
+    assert growth.alpha("a", 119) == pytest.approx(1e-4)
+    assert growth.alpha("a", 159) == pytest.approx(3e-4)
+    assert growth.alpha("a", 100 + 20 * 40) == pytest.approx(5e-4)
+    assert growth.reached(["a"], 199)
+    assert not growth.reached(["a"], 198)
+    growth.start("b", 150)
+    growth.freeze(190)
+    assert growth.alpha("b", 10_000) == pytest.approx(2e-4)
+    assert growth.alpha("a", 10_000) == pytest.approx(4e-4)
+    restored = GrowingL2(interval=20, step=1e-4, limit=5e-4)
+    restored.load(growth.state())
+    assert restored.alpha("b", 500) == growth.alpha("b", 500)
+
+
+def test_ssa_loss_rewards_alignment() -> None:
+    base = torch.linspace(0.1, 1.0, 8)
+    aligned = ssa_loss([base, base.clone(), base.clone()], num_pruned=4)
+    misaligned = ssa_loss([base, base.flip(0), base.roll(3)], num_pruned=4)
+    assert aligned < misaligned
+    undecided = nn.Parameter(0.5 + 0.01 * torch.randn(8, generator=torch.Generator().manual_seed(0)))
+    optimizer = torch.optim.SGD([undecided], lr=0.5)
+    start = ssa_loss([base, undecided], num_pruned=4).item()
+    for _ in range(100):
+        optimizer.zero_grad()
+        ssa_loss([base, undecided], num_pruned=4).backward()
+        optimizer.step()
+    assert set(torch.topk(undecided.detach(), 4).indices.tolist()) == {4, 5, 6, 7}
+    assert ssa_loss([base, undecided], num_pruned=4).item() < start
+
+
+def make_module(**options: object) -> ASSLModule:
+    return ASSLModule(small_ledsr(features=16, blocks=2), prune_ratio=0.5, reg_interval=2, reg_step=0.1,
+                      reg_limit=0.3, **options)
+
+
+def test_module_phases_penalty_and_condition() -> None:
+    module = make_module()
+    lr, hr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 16, 16)
+    assert module.enter_phase("ssa", {}) is True
+    assert module.stage == "wn" and set(module.plan) == {"blocks.0.conv1", "blocks.1.conv1"}
+    loss, logs = module.training_loss(lr, hr, {})
+    assert "ssa" in logs and logs["reg_alpha"] == 0.0
+    module.enter_phase("regularize", {})
+    assert set(module.plan) == {"head", "blocks.0.conv1", "blocks.1.conv1"}
+    assert not module.phase_condition("reg_limit_reached")
+    module.growth.starts = {key: -10 for key in module.growth.starts}
+    assert module.phase_condition("reg_limit_reached")
+    loss, logs = module.training_loss(lr, hr, {})
+    assert "ssa" not in logs and logs["reg_alpha"] == pytest.approx(0.3)
+    module.network.zero_grad()
+    module._reg_term()[0].backward()
+    head = module.network.head
+    kept = module.plan["head"]
+    assert head.gamma.grad[kept].abs().sum() == 0
+    assert head.gamma.grad[pruned_indices(16, kept)].abs().sum() > 0
+    assert module.enter_phase("finetune", {}) is True
+    assert module.stage == "compact" and module.network.head.out_channels == 8
+    assert set(module.kept_widths().values()) == {8} and len(module.kept_widths()) == 6
+    with pytest.raises(Exception, match="after pruning"):
+        module.enter_phase("regularize", {})
+
+
+@pytest.mark.parametrize("stage_phases", [["ssa"], ["ssa", "regularize", "prune"]])
+def test_plan_round_trip_through_checkpoint(stage_phases: list[str], tmp_path: Path) -> None:
+    module = make_module(keep=5, keep_multiple_of=None)
+    for phase in stage_phases:
+        module.enter_phase(phase, {})
+    randomise_gammas(module.network)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "assl.ckpt")
+    loaded = torch.load(tmp_path / "assl.ckpt", weights_only=True)
+    fresh = make_module(keep=5)
+    fresh.on_load_checkpoint(loaded)
+    fresh.load_state_dict(loaded["state_dict"], strict=True)
+    assert fresh.stage == module.stage and fresh.plan == module.plan
+    assert fresh.growth.state() == module.growth.state()
+    lr = torch.rand(1, 3, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.network(lr), module.network(lr), atol=1e-6, rtol=0)
+    if module.stage == "compact":
+        assert fresh.network.blocks[1].conv2.weight.shape == (5, 5, 3, 3)
+        assert fresh.cost_report()["params"] < make_module().cost_report()["params"] / 3
+
+
+class _RandomPatches(torch.utils.data.Dataset):
+    """uint8 LR/HR training pairs (HR 16×16, LR its 2× average pooling), as SRDataModule yields them."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        hr = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(index))
+        lr = torch.nn.functional.avg_pool2d(hr[None].float(), 2)[0].round().byte()
+        return {"lr": lr, "hr": hr, "index": torch.tensor(index)}
+
+
+def _phase_trainer(root: Path) -> tuple[lightning.Trainer, PhaseSchedule]:
+    schedule = PhaseSchedule([
+        Phase("dense", steps=3, settings={"lr": 1e-3}), Phase("ssa", steps=3),
+        Phase("regularize", until="reg_limit_reached", max_steps=20), Phase("stabilize", steps=3),
+        Phase("prune", steps=0), Phase("finetune", steps=5),
+    ])
+    checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1, save_last=True)
+    trainer = lightning.Trainer(max_steps=-1, max_epochs=-1, accelerator="cpu", logger=False,
+                                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                                default_root_dir=root, callbacks=[schedule, checkpoints])
+    return trainer, schedule
+
+
+def _trainer_module() -> ASSLModule:
+    torch.manual_seed(0)
+    return ASSLModule(LEDSR(2, num_features=16, num_blocks=2, pixel_range=255.0), prune_ratio=0.5,
+                      reg_interval=1, reg_step=0.1, reg_limit=0.3)
+
+
+def test_trainer_runs_all_phases_and_resumes_in_wn_and_compact_stages(tmp_path: Path) -> None:
+    loader = torch.utils.data.DataLoader(_RandomPatches(), batch_size=4)
+    trainer, schedule = _phase_trainer(tmp_path / "run")
+    module = _trainer_module()
+    trainer.fit(module, loader)
+    assert [name for name, _ in schedule.history] == ["dense", "ssa", "regularize", "stabilize", "prune",
+                                                      "finetune"]
+    assert dict(schedule.history)["stabilize"] == 8
+    assert module.stage == "compact" and set(module.kept_widths().values()) == {8}
+    for step, stage in ((9, "wn"), (15, "compact")):
+        checkpoint_path = next((tmp_path / "run").glob(f"*step={step}.ckpt"))
+        assert torch.load(checkpoint_path, weights_only=False)["effsr"]["structure"]["stage"] == stage
+        resumed_trainer, resumed_schedule = _phase_trainer(tmp_path / f"resume{step}")
+        resumed = _trainer_module()
+        resumed_trainer.fit(resumed, loader, ckpt_path=str(checkpoint_path))
+        assert resumed_trainer.global_step == trainer.global_step
+        assert resumed.stage == "compact" and resumed_schedule.history == schedule.history
+        assert conv_shapes(resumed.network) == conv_shapes(module.network)
+
+
+def test_tiny_config_runs_every_phase_then_test_and_profile(tmp_path: Path, no_wandb_credentials: Path) -> None:
+    from effsr.cli import main
+
+    config = str(REPO / "experiments" / "tiny" / "assl_x2.yaml")
+    root = tmp_path / "run"
+    common = ["--config", config, "--trainer.default_root_dir", str(root),
+              "--trainer.logger.init_args.save_dir", str(root)]
+    assert main(["fit", *common]) == 0
+    checkpoint_path = next(root.rglob("last.ckpt"))
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    structure = checkpoint["effsr"]["structure"]
+    assert structure["stage"] == "compact"
+    assert structure["shapes"]["head"] == [16, 3] and structure["shapes"]["tail_conv"] == [12, 16]
+    schedule = next(state for key, state in checkpoint["callbacks"].items() if "PhaseSchedule" in key)
+    assert [name for name, _ in schedule["history"]] == ["dense", "ssa", "regularize", "stabilize", "prune",
+                                                         "finetune"]
+    assert main(["test", *common, "--ckpt_path", str(checkpoint_path),
+                 "--model.init_args.results_dir", str(root)]) == 0
+    results = json.loads((root / "test_results.json").read_text())
+    dense_params = sum(p.numel() for p in LEDSR(2, num_features=32, num_blocks=2).parameters())
+    assert results["sample"]["psnr_y"] > 15.0
+    assert results["sample"]["params"] < dense_params / 3
+    report_path = tmp_path / "profile.json"
+    assert main(["profile", "--config", config, "--ckpt_path", str(checkpoint_path), "--runs", "1",
+                 "--lr_size", "32", "32", "--output", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["params"] == results["sample"]["params"]

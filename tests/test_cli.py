@@ -1,0 +1,138 @@
+"""The `effsr` command end to end: W&B offline runs, re-runs, config errors, DDP metrics, predict, profile."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from effsr.cli import EffSRCLI, main
+from effsr.data.io import read_image, write_image
+from effsr.errors import TrainingError
+from effsr.models import SRModule
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+TINY = TESTS / "configs" / "tiny_edsr.yaml"
+
+
+def _wandb_summary(run_dir: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(run_dir)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_wandb_offline_without_credentials_and_rerun_in_same_folder(
+    tmp_path: Path, no_wandb_credentials: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "run"
+    args = ["fit", "--config", str(TINY), "--trainer.default_root_dir", str(root),
+            "--trainer.logger.init_args.save_dir", str(root)]
+    EffSRCLI(args=args)
+    assert "W&B runs offline" in capsys.readouterr().err
+    assert os.environ["WANDB_MODE"] == "offline"
+    runs = sorted((root / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    summary = _wandb_summary(runs[0])
+    metrics = json.dumps(summary)
+    assert "val/sample/psnr_y" in metrics and "cost/macs_720p" in metrics
+    assert "effsr_config" in metrics  # the resolved config is attached to the run
+    EffSRCLI(args=args)  # a second run in the same folder (existing config.yaml) must not crash
+    assert len(sorted((root / "wandb").glob("offline-run-*"))) == 2
+
+
+def test_config_typo_names_the_option(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "effsr.cli", "fit", "--config", str(TINY), "--trainer.default_root_dir", str(tmp_path),
+         "--model.init_args.network.init_args.num_featurs", "8"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "num_featurs" in result.stderr
+
+
+def test_no_arguments_lists_experiments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    output = capsys.readouterr().out
+    assert "effsr fit --config" in output and "bicubic_x4.yaml" in output
+
+
+class _NaNNet(torch.nn.Module):
+    scale, pixel_range = 2, 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(x, scale_factor=2) * float("nan")
+
+
+def test_nan_loss_stops_with_a_clear_message() -> None:
+    module = SRModule(_NaNNet())
+    batch = {"lr": torch.rand(1, 3, 8, 8), "hr": torch.rand(1, 3, 16, 16)}
+    with pytest.raises(TrainingError, match="non-finite training loss.*--ckpt_path last"):
+        module.training_step(batch, 0)
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "effsr.cli", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env={**os.environ, "WANDB_MODE": "offline"})
+
+
+def _write_hr_set(folder: Path, count: int) -> Path:
+    from skimage import data
+
+    folder.mkdir(parents=True)
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
+    for index in range(count):
+        image = photos[index % len(photos)][: 96 + 12 * index, : 120 - 6 * index]
+        write_image(folder / f"img{index}.png", np.ascontiguousarray(image))
+    return folder
+
+
+def test_ddp_checkpoint_and_metrics_match_single_process(tmp_path: Path) -> None:
+    hr_set = _write_hr_set(tmp_path / "OddSet", 5)
+    common = ["--config", str(TINY), "--trainer.logger=false", f"--data.test_sets=[{hr_set}]"]
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    fit = _run("fit", *common, *ddp, "--trainer.default_root_dir", str(tmp_path / "fit"), cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    checkpoint = tmp_path / "fit" / "checkpoints" / "last.ckpt"
+    results = {}
+    for label, extra in (("single", []), ("ddp", ddp)):
+        out = tmp_path / label
+        run = _run("test", *common, *extra, "--ckpt_path", str(checkpoint), "--trainer.default_root_dir", str(out),
+                   cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[label] = json.loads((out / "test_results.json").read_text())
+    single, ddp_results = results["single"]["OddSet"], results["ddp"]["OddSet"]
+    assert single["n_images"] == ddp_results["n_images"] == 5
+    assert sorted(single["images"]) == sorted(ddp_results["images"])
+    for key in ("psnr_y", "ssim_y", "psnr_rgb"):
+        assert ddp_results[key] == pytest.approx(single[key], abs=1e-9)
+    assert single["psnr_y"] == pytest.approx(np.mean([v["psnr_y"] for v in single["images"].values()]), abs=1e-9)
+
+
+def test_predict_tiles_large_images_and_writes_pngs(tmp_path: Path) -> None:
+    from skimage import data
+
+    lr_dir = tmp_path / "lr"
+    lr_dir.mkdir()
+    write_image(lr_dir / "coffee.png", np.ascontiguousarray(data.coffee()[:150, :170]))
+    out = tmp_path / "sr"
+    run = _run("predict", "--config", str(TINY), "--trainer.logger=false", f"--data.predict_path={lr_dir}",
+               "--model.init_args.tile_above_pixels=4096", "--model.init_args.tile_size=48",
+               "--trainer.default_root_dir", str(tmp_path), f"--output_dir={out}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert read_image(out / "coffee.png").shape == (300, 340, 3)
+
+
+def test_profile_edsr_baseline_json(tmp_path: Path) -> None:
+    run = _run("profile", "--config", str(REPO / "experiments" / "edsr_baseline_x4.yaml"), "--json", "--runs", "1",
+               "--lr_size", "24", "24", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout[run.stdout.index("{"):])
+    assert report["params"] == pytest.approx(1.52e6, rel=0.01)
+    assert report["macs_720p"] > 100e9

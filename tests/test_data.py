@@ -1,0 +1,379 @@
+"""Data pipeline: image I/O, sources, cache, datasets, samplers and SRDataModule (real PNG files in tmp dirs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from torch.utils.data import DataLoader
+
+from effsr.data import SRDataModule
+from effsr.data.cache import ArrayCache, PairSource
+from effsr.data.datasets import (
+    DihedralAugment,
+    EvalSampler,
+    RandomPatchDataset,
+    SampleKey,
+    SubImageDataset,
+    TrainSampler,
+    _CV2Transpose,
+    sample_random,
+)
+from effsr.data.io import read_image, write_image
+from effsr.data.sample import SAMPLE_HELDOUT, SAMPLE_TRAIN
+from effsr.errors import ConfigError, DataError
+from effsr.ops.imresize import bicubic_degrade
+
+
+def photo(height: int, width: int, offset: int = 0) -> np.ndarray:
+    """A crop of a real photograph (skimage's astronaut), RGB uint8."""
+    image = skimage.data.astronaut()
+    return np.ascontiguousarray(image[offset : offset + height, offset : offset + width])
+
+
+def hr_folder(folder: Path, sizes: list[tuple[int, int]]) -> Path:
+    """Writes one PNG per (height, width) into ``folder``."""
+    for number, (height, width) in enumerate(sizes):
+        write_image(folder / f"img{number:02d}.png", photo(height, width, offset=10 * number))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sample_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache folder shared by the sample-set tests (the sample PNGs are written once)."""
+    return tmp_path_factory.mktemp("sample_cache")
+
+
+# ------------------------------------------------------------------------------------------------ io
+def test_read_image_converts_gray_rgba_16bit_and_palette(tmp_path: Path) -> None:
+    rgb = photo(20, 24)
+    gray = rgb[:, :, 0]
+    cv2.imwrite(str(tmp_path / "gray.png"), gray)
+    assert np.array_equal(read_image(tmp_path / "gray.png"), np.stack([gray] * 3, axis=2))
+    bgra = np.concatenate([rgb[:, :, ::-1], np.full((20, 24, 1), 7, np.uint8)], axis=2)
+    cv2.imwrite(str(tmp_path / "rgba.png"), bgra)
+    assert np.array_equal(read_image(tmp_path / "rgba.png"), rgb)
+    sixteen = rgb.astype(np.uint16) * 257
+    sixteen[0, 0] = [128, 383, 65535]
+    cv2.imwrite(str(tmp_path / "deep.png"), np.ascontiguousarray(sixteen[:, :, ::-1]))
+    converted = read_image(tmp_path / "deep.png")
+    assert converted.dtype == np.uint8 and converted[0, 0].tolist() == [0, 1, 255]
+    assert np.array_equal(converted[1:], rgb[1:])
+    from PIL import Image
+
+    Image.fromarray(rgb).quantize(colors=16).save(tmp_path / "palette.png")
+    palette = read_image(tmp_path / "palette.png")
+    assert palette.shape == (20, 24, 3) and palette.dtype == np.uint8
+    assert np.array_equal(palette, np.asarray(Image.open(tmp_path / "palette.png").convert("RGB")))
+
+
+def test_read_image_rejects_truncated_corrupt_empty_and_missing(tmp_path: Path) -> None:
+    write_image(tmp_path / "whole.png", photo(64, 64))
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "tail.png").write_bytes(data[:-12])
+    (tmp_path / "notes.png").write_bytes(b"this is not an image at all")
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name in ("cut.png", "tail.png", "notes.png", "empty.png", "missing.png"):
+        with pytest.raises(DataError, match=name):
+            read_image(tmp_path / name)
+    with pytest.raises(DataError, match="truncated"):
+        read_image(tmp_path / "cut.png")
+
+
+def test_write_image_is_atomic_and_round_trips(tmp_path: Path) -> None:
+    image = photo(30, 40)
+    write_image(tmp_path / "sub" / "out.png", image)
+    assert np.array_equal(read_image(tmp_path / "sub" / "out.png"), image)
+    assert [path.name for path in (tmp_path / "sub").iterdir()] == ["out.png"]
+
+
+# -------------------------------------------------------------------------------------- augmentation
+def _numpy_dihedral(image: np.ndarray, element: int) -> np.ndarray:
+    if element & 1:
+        image = image[:, ::-1]
+    if element & 2:
+        image = image[::-1]
+    if element & 4:
+        image = image.transpose(1, 0, 2)
+    return image
+
+
+def test_dihedral_augment_is_d4_identical_on_lr_and_hr() -> None:
+    lr, hr = photo(12, 16), photo(48, 64)
+    reference = A.Transpose(p=1.0)(image=hr)["image"]
+    assert np.array_equal(_CV2Transpose(p=1.0)(image=hr)["image"], reference)
+    augment = DihedralAugment()
+    outputs = set()
+    for element in range(8):
+        lr_out, hr_out = augment(lr, hr, element)
+        assert np.array_equal(lr_out, _numpy_dihedral(lr, element))
+        assert np.array_equal(hr_out, _numpy_dihedral(hr, element))
+        outputs.add(hr_out.tobytes())
+    assert len(outputs) == 8
+
+
+def test_random_patches_lie_on_the_lr_grid(tmp_path: Path) -> None:
+    folder = hr_folder(tmp_path / "hr", [(100, 120), (90, 96)])
+    cache = ArrayCache(tmp_path / "cache", scale=2)
+    entries = cache.build_all([PairSource(p.stem, p) for p in sorted(folder.iterdir())])
+    dataset = RandomPatchDataset(entries, scale=2, lr_patch_size=10, seed=5)
+    for position in range(20):
+        key = SampleKey(epoch=3, position=position, index=position % 2)
+        sample = dataset[key]
+        hr_full, lr_full = entries[key.index].load()
+        top = sample_random(5, 3, position, 1) % (lr_full.shape[0] - 9)
+        left = sample_random(5, 3, position, 2) % (lr_full.shape[1] - 9)
+        element = sample_random(5, 3, position, 3) & 7
+        expected_lr = _numpy_dihedral(lr_full[top : top + 10, left : left + 10], element)
+        expected_hr = _numpy_dihedral(hr_full[2 * top : 2 * top + 20, 2 * left : 2 * left + 20], element)
+        assert torch.equal(sample["lr"], torch.from_numpy(np.ascontiguousarray(expected_lr.transpose(2, 0, 1))))
+        assert torch.equal(sample["hr"], torch.from_numpy(np.ascontiguousarray(expected_hr.transpose(2, 0, 1))))
+        assert sample["index"].item() == key.index
+    hr_whole, lr_whole = entries[0].load()
+    assert np.array_equal(lr_whole, bicubic_degrade(photo(100, 120), 2)[1])
+
+
+# --------------------------------------------------------------------- determinism, workers, ranks
+def _batches(loader: DataLoader) -> list[dict[str, torch.Tensor]]:
+    return list(loader)
+
+
+def test_streams_differ_across_workers_and_ranks_and_reproduce(tmp_path: Path) -> None:
+    folder = hr_folder(tmp_path / "hr", [(96, 96)] * 3)
+    entries = ArrayCache(tmp_path / "cache", 2).build_all([PairSource(p.stem, p) for p in sorted(folder.iterdir())])
+    dataset = RandomPatchDataset(entries, scale=2, lr_patch_size=8, seed=11)
+
+    def loader(workers: int, rank: int = 0, replicas: int = 1, epoch: int = 0) -> DataLoader:
+        sampler = TrainSampler(len(dataset), samples_per_epoch=16, seed=11, rank=rank, num_replicas=replicas)
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=workers)
+
+    single = _batches(loader(0))
+    two_workers = _batches(loader(2))
+    assert len(single) == 8
+    for a, b in zip(single, two_workers, strict=True):
+        assert torch.equal(a["hr"], b["hr"]) and torch.equal(a["index"], b["index"])
+    worker0, worker1 = two_workers[0::2], two_workers[1::2]
+    assert not any(torch.equal(a["hr"], b["hr"]) for a in worker0 for b in worker1)
+    rank0, rank1 = _batches(loader(0, 0, 2)), _batches(loader(0, 1, 2))
+    assert len(rank0) == len(rank1) == 4
+    assert not any(torch.equal(a["hr"], b["hr"]) for a in rank0 for b in rank1)
+    positions0 = [key.position for key in loader(0, 0, 2).sampler]
+    positions1 = [key.position for key in loader(0, 1, 2).sampler]
+    assert sorted(positions0 + positions1) == list(range(16))
+    again = _batches(loader(0))
+    assert all(torch.equal(a["hr"], b["hr"]) for a, b in zip(single, again, strict=True))
+    next_epoch = _batches(loader(0, epoch=1))
+    assert not all(torch.equal(a["hr"], b["hr"]) for a, b in zip(single, next_epoch, strict=True))
+    key = SampleKey(0, 5, 1)
+    assert torch.equal(dataset[key]["hr"], RandomPatchDataset(entries, 2, 8, seed=11)[key]["hr"])
+    assert not torch.equal(dataset[key]["hr"], RandomPatchDataset(entries, 2, 8, seed=12)[key]["hr"])
+
+
+def test_train_sampler_covers_pool_and_honours_subset() -> None:
+    sampler = TrainSampler(dataset_size=10, samples_per_epoch=20, seed=0, rank=0, num_replicas=1)
+    indices = [key.index for key in sampler]
+    assert sorted(indices) == sorted(list(range(10)) * 2)
+    sampler.set_subset(np.array([3, 7]))
+    assert set(key.index for key in sampler) == {3, 7}
+    sampler.set_subset(None)
+    assert len(set(key.index for key in sampler)) == 10
+    with pytest.raises(ConfigError, match="empty"):
+        sampler.set_subset(np.array([], dtype=np.int64))
+    with pytest.raises(ConfigError, match="lie in"):
+        sampler.set_subset(np.array([10]))
+    assert len(TrainSampler(10, 21, rank=1, num_replicas=2)) == 10
+
+
+def test_eval_sampler_two_ranks_odd_count_each_image_once() -> None:
+    seen = [index for rank in range(2) for index in EvalSampler(7, rank=rank, num_replicas=2)]
+    assert sorted(seen) == list(range(7))
+    assert [len(EvalSampler(7, rank=rank, num_replicas=2)) for rank in range(2)] == [4, 3]
+
+
+# ----------------------------------------------------------------------------------------- grid / ClassSR
+def test_grid_subimages_with_rescales_and_subset(tmp_path: Path) -> None:
+    hr_folder(tmp_path / "hr", [(256, 320), (192, 192)])
+    module = SRDataModule(
+        scale=4, train=str(tmp_path / "hr"), val_sets=[], train_crop="grid", hr_subimage_size=128,
+        hr_subimage_step=64, train_rescales=[1.0, 0.75], cache_dir=str(tmp_path / "cache"), batch_size=4,
+        samples_per_epoch=12, num_workers=0,
+    )
+    module.prepare_data()
+    module.setup("fit")
+    dataset = module.train_dataset
+    assert isinstance(dataset, SubImageDataset)
+    # x1: 3x4 + 2x2 sub-images; x0.75 (192x240, 144x144): 2x3 + 2x2 (incl. the ones flush with the end)
+    assert module.num_subimages == 12 + 4 + 6 + 4
+    lr, hr = module.subimage(5)
+    assert lr.shape == (32, 32, 3) and hr.shape == (128, 128, 3)
+    name, top, left = dataset.subimage_source(5)
+    hr_full, lr_full = dataset.store.arrays(int(dataset.table[5, 0]))
+    assert np.array_equal(hr, hr_full[top : top + 128, left : left + 128])
+    assert np.array_equal(lr, lr_full[top // 4 : top // 4 + 32, left // 4 : left // 4 + 32])
+    assert name == "img00" and (top, left) == (64, 64)
+    scored = list(module.subimage_dataloader(batch_size=8))
+    assert torch.equal(torch.cat([batch["index"] for batch in scored]), torch.arange(26))
+    assert torch.equal(scored[0]["hr"][5], torch.from_numpy(hr.transpose(2, 0, 1).copy()))
+    module.set_train_subset(np.array([2, 20]))
+    batches = list(module.train_dataloader())
+    drawn = torch.cat([batch["index"] for batch in batches])
+    assert len(drawn) == 12 and set(drawn.tolist()) == {2, 20}
+    assert batches[0]["lr"].shape == (4, 3, 32, 32) and batches[0]["hr"].dtype == torch.uint8
+    module.set_train_subset(None)
+    assert len(set(torch.cat([b["index"] for b in module.train_dataloader()]).tolist())) > 2
+
+
+# --------------------------------------------------------------------------------------------- cache
+def test_cache_reused_rebuilt_on_change_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "hr" / "a.png"
+    write_image(path, photo(40, 48))
+    cache = ArrayCache(tmp_path / "cache", scale=2)
+    (entry,) = cache.build_all([PairSource("a", path)])
+    built_at = entry.hr_file.stat().st_mtime_ns
+    (again,) = cache.build_all([PairSource("a", path)])
+    assert again == entry and entry.hr_file.stat().st_mtime_ns == built_at
+    write_image(path, photo(40, 48, offset=30))
+    (changed,) = cache.build_all([PairSource("a", path)])
+    assert changed.hr_file != entry.hr_file and not entry.hr_file.exists()
+    assert np.array_equal(changed.load()[0], photo(40, 48, offset=30))
+    write_image(path, photo(40, 48, offset=60))
+    fresh = cache.entry(PairSource("a", path))
+
+    def broken_save(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        cache.build(fresh)
+    assert not fresh.is_built() and not fresh.lr_file.exists()
+    assert not [p for p in cache.folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_official_lr_used_when_present_and_mismatch_names_both(tmp_path: Path) -> None:
+    root = tmp_path / "datasets"
+    hr = photo(96, 120)
+    write_image(root / "DIV2K" / "DIV2K_train_HR" / "0001.png", hr)
+    official = cv2.resize(hr, (60, 48), interpolation=cv2.INTER_AREA)
+    write_image(root / "DIV2K" / "DIV2K_train_LR_bicubic" / "X2" / "0001x2.png", official)
+    module = SRDataModule(scale=2, train="div2k", data_root=str(root), val_sets=[], lr_patch_size=16,
+                          cache_dir=str(tmp_path / "cache"), num_workers=0, samples_per_epoch=4)
+    module.setup("fit")
+    assert np.array_equal(np.asarray(module.train_dataset.store.arrays(0)[1]), official)
+    generated = SRDataModule(scale=2, train="div2k", data_root=str(root), val_sets=[], lr_patch_size=16,
+                             cache_dir=str(tmp_path / "cache"), num_workers=0, lr_source="generated")
+    generated.setup("fit")
+    assert np.array_equal(np.asarray(generated.train_dataset.store.arrays(0)[1]), bicubic_degrade(hr, 2)[1])
+    write_image(root / "DIV2K" / "DIV2K_train_LR_bicubic" / "X2" / "0001x2.png", official[:40])
+    with pytest.raises(DataError, match=r"0001x2\.png.*0001\.png"):
+        module.setup("fit")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_sources_raise_clear_errors(tmp_path: Path) -> None:
+    def module(**overrides: object) -> SRDataModule:
+        settings: dict = {"scale": 2, "val_sets": [], "cache_dir": str(tmp_path / "cache"), "num_workers": 0}
+        return SRDataModule(**{**settings, **overrides})
+
+    with pytest.raises(DataError, match="does not exist.*expected layout"):
+        module(train=str(tmp_path / "nowhere")).setup("fit")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no images.*expected layout"):
+        module(train=str(tmp_path / "empty")).setup("fit")
+    with pytest.raises(DataError, match="DIV2K_train_HR"):
+        module(train="div2k", data_root=str(tmp_path)).setup("fit")
+    with pytest.raises(ConfigError, match="data_root"):
+        module(train="df2k").setup("fit")
+    for scale in (1, 0, -2):
+        with pytest.raises(ConfigError, match="scale"):
+            module(scale=scale)
+    (tmp_path / "DIV2K" / "DIV2K_train_HR").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="x2/x3/x4"):
+        module(scale=8, train="div2k", data_root=str(tmp_path), lr_source="official").setup("fit")
+    with pytest.raises(ConfigError, match="multiples of the scale"):
+        hr_folder(tmp_path / "grid", [(64, 64)])
+        module(scale=3, train=str(tmp_path / "grid"), train_crop="grid").setup("fit")
+
+
+def test_truncated_training_image_names_the_file(tmp_path: Path) -> None:
+    folder = hr_folder(tmp_path / "hr", [(64, 64), (64, 64)])
+    data = (folder / "img01.png").read_bytes()
+    (folder / "img01.png").write_bytes(data[: len(data) // 3])
+    module = SRDataModule(scale=2, train=str(folder), val_sets=[], cache_dir=str(tmp_path / "cache"), num_workers=0)
+    with pytest.raises(DataError, match=r"img01\.png.*truncated"):
+        module.prepare_data()
+
+
+def test_image_smaller_than_patch_raises_or_is_skipped(tmp_path: Path) -> None:
+    folder = hr_folder(tmp_path / "hr", [(100, 100), (40, 120)])
+    settings: dict = {"scale": 2, "train": str(folder), "val_sets": [], "cache_dir": str(tmp_path / "c"),
+                      "lr_patch_size": 24, "num_workers": 0}
+    with pytest.raises(DataError, match=r"img01\.png.*48x48"):
+        SRDataModule(**settings).setup("fit")
+    skipping = SRDataModule(**settings, skip_small_images=True)
+    skipping.setup("fit")
+    assert len(skipping.train_dataset) == 1
+
+
+def test_hr_lr_folder_pairs_mismatch_and_layout_detection(tmp_path: Path) -> None:
+    hr_folder(tmp_path / "MySet" / "HR", [(48, 60)])
+    lr = bicubic_degrade(photo(48, 60), 2)[1]
+    write_image(tmp_path / "MySet" / "LR_bicubic" / "X2" / "img00x2.png", lr[:, :, ::-1])
+    module = SRDataModule(scale=2, val_sets=[str(tmp_path / "MySet" / "HR")], cache_dir=str(tmp_path / "c"),
+                          num_workers=0)
+    module.setup("validate")
+    assert module.eval_set_names == ["MySet"]
+    (batch,) = list(module.val_dataloader()[0])
+    assert torch.equal(batch["lr"][0], torch.from_numpy(np.ascontiguousarray(lr[:, :, ::-1].transpose(2, 0, 1))))
+    write_image(tmp_path / "wrong" / "img00.png", lr[:10])
+    mismatched = SRDataModule(scale=2, val_sets=[f"{tmp_path / 'MySet' / 'HR'}:{tmp_path / 'wrong'}"],
+                              cache_dir=str(tmp_path / "c"), num_workers=0)
+    with pytest.raises(DataError, match=r"mismatch.*wrong/img00\.png.*HR/img00\.png"):
+        mismatched.setup("validate")
+
+
+# ------------------------------------------------------------------------------------------ datamodule
+def test_datamodule_sample_set_end_to_end(sample_cache: Path) -> None:
+    module = SRDataModule(scale=4, train="sample", val_sets=["sample"], test_sets=["sample"], lr_patch_size=24,
+                          batch_size=4, samples_per_epoch=8, num_workers=0, cache_dir=str(sample_cache),
+                          max_val_images=2)
+    module.prepare_data()
+    module.setup("fit")
+    assert len(module.train_dataset) == len(SAMPLE_TRAIN)
+    batches = list(module.train_dataloader())
+    assert len(batches) == 2
+    assert batches[0]["lr"].shape == (4, 3, 24, 24) and batches[0]["hr"].shape == (4, 3, 96, 96)
+    assert batches[0]["lr"].dtype == torch.uint8 and batches[0]["index"].dtype == torch.int64
+    (val_loader,) = module.val_dataloader()
+    names = [batch["name"][0] for batch in val_loader]
+    assert module.eval_set_names == ["sample"] and names == list(SAMPLE_HELDOUT[:2])
+    module.setup("test")
+    (test_loader,) = module.test_dataloader()
+    assert module.eval_set_names == ["sample"]
+    for batch in test_loader:
+        lr, hr = batch["lr"], batch["hr"]
+        assert hr.shape[2] == lr.shape[2] * 4 and hr.shape[3] == lr.shape[3] * 4 and hr.shape[2] % 4 == 0
+    assert len(test_loader) == len(SAMPLE_HELDOUT)
+
+
+def test_predict_folder_or_file(tmp_path: Path) -> None:
+    write_image(tmp_path / "lr" / "a.png", photo(17, 23))
+    write_image(tmp_path / "lr" / "b.jpg", photo(9, 11))
+    module = SRDataModule(scale=2, predict_path=str(tmp_path / "lr"), val_sets=[], cache_dir=str(tmp_path / "c"),
+                          num_workers=0)
+    module.setup("predict")
+    batches = list(module.predict_dataloader())
+    assert [batch["name"][0] for batch in batches] == ["a", "b"]
+    assert batches[0]["lr"].shape == (1, 3, 17, 23) and batches[0]["lr"].dtype == torch.uint8
+    single = SRDataModule(scale=2, predict_path=str(tmp_path / "lr" / "a.png"), val_sets=[], num_workers=0,
+                          cache_dir=str(tmp_path / "c"))
+    single.setup("predict")
+    assert len(single.predict_dataloader()) == 1
+    with pytest.raises(DataError, match="predict_path"):
+        SRDataModule(scale=2, predict_path=str(tmp_path / "none"), val_sets=[], num_workers=0).setup("predict")
