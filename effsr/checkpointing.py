@@ -8,8 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from effsr.errors import CheckpointError
@@ -55,3 +57,27 @@ def load_untrusted(path: _PATH) -> Any:
         ) from error
     except (RuntimeError, EOFError, OSError) as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error}. Is the file complete?") from error
+
+
+class EpochEndCheckpoint(ModelCheckpoint):
+    """Writes checkpoints (and ``last.ckpt``) after the last optimizer step of every epoch.
+
+    Lightning resumes a checkpoint taken at the end of the epoch's last training batch by starting the next
+    epoch cleanly, whereas one taken in ``on_train_epoch_end`` makes it re-enter the finished epoch and
+    shift the data stream by a batch. Saving here makes ``--ckpt_path last`` resume exactly (same data,
+    same weights as an uninterrupted run). A monitored metric is the latest validation's.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if batch_idx + 1 != trainer.num_training_batches or self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Saving happened at the last batch end."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Saving happens at the last batch end of each epoch only."""

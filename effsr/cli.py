@@ -13,11 +13,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from effsr.checkpointing import AtomicCheckpointIO
+from effsr.checkpointing import AtomicCheckpointIO, EpochEndCheckpoint
 from effsr.errors import ConfigError, EffSRError
 from effsr.phases import PhaseProgressBar
 
@@ -64,6 +63,14 @@ def ensure_wandb_mode() -> str | None:
     return reason
 
 
+def finish_wandb_runs() -> None:
+    """Closes the W&B run a command opened, so its summary is written and the next command starts a new run."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
 class EffSRSaveConfig(SaveConfigCallback):
     """Saves the resolved config beside the run (overwriting, so re-runs in one folder work) and
     attaches it to the logger's run (W&B: the run's config and a ``config.yaml`` file)."""
@@ -96,12 +103,14 @@ class EffSRCLI(LightningCLI):
                 "use_distributed_sampler": False,
                 "default_root_dir": "runs",
                 "plugins": [AtomicCheckpointIO()],
-                "callbacks": [ModelCheckpoint(save_last=True, save_on_train_epoch_end=True), PhaseProgressBar()],
+                "callbacks": [EpochEndCheckpoint(save_last=True), PhaseProgressBar()],
             },
             parser_kwargs={"description": _DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter},
             args=args,
             run=run,
         )
+        if run:
+            finish_wandb_runs()
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.scale", "model.init_args.network.init_args.scale", apply_on="parse")

@@ -152,7 +152,7 @@ class PhaseSchedule(Callback):
         if getattr(pl_module, "phase_name", None) != self.current.name:
             self._enter(trainer, pl_module, self.index, trainer.global_step)
         self._advance_while_due(trainer, pl_module)
-        self._push_schedules(trainer, pl_module)
+        self._push_schedules(trainer, pl_module, log=False)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -221,14 +221,16 @@ class PhaseSchedule(Callback):
         if pl_module.enter_phase(phase.name, dict(phase.settings)):
             rebuild_training_setup(trainer)
 
-    def _push_schedules(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _push_schedules(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool = True) -> None:
         for schedule in self.schedules:
             if schedule.phase is not None and schedule.phase != self.current.name:
                 continue
             step = self.phase_step(trainer.global_step) if schedule.phase else trainer.global_step
             value = schedule.value(step)
             pl_module.set_schedule_value(schedule.name, value)
-            pl_module.log(f"schedule/{schedule.name}", value, on_step=True, on_epoch=False, batch_size=1)
+            if log:
+                pl_module.log(f"schedule/{schedule.name}", value, on_step=True, on_epoch=False,
+                              batch_size=1)
 
 
 def rebuild_training_setup(trainer: L.Trainer) -> None:

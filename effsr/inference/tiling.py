@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.flop_counter import FlopCounterMode
 
 Network = Callable[[Tensor], Tensor]
 
@@ -158,11 +157,14 @@ def routed_forward(
     """Routes each LR tile to one of ``networks`` (chosen by ``policy``), batching tiles per network.
 
     ``policy`` maps (P, C, p, p) tiles to (P,) network indices. With ``count_macs`` the MACs of everything
-    that ran (policy and networks) are counted by FlopCounterMode, not estimated.
+    that ran (policy and networks) are counted by :class:`effsr.cost.MacCounter`, not estimated.
     """
     if lr.shape[0] != 1:
         raise ValueError("routed_forward takes one image at a time (batch size 1)")
-    counter = FlopCounterMode(display=False) if count_macs else None
+    from effsr.cost import MacCounter
+
+    modules = [item for item in (policy, *networks) if isinstance(item, torch.nn.Module)]
+    counter = MacCounter(*modules) if count_macs else None
     if counter is not None:
         counter.__enter__()
     try:
@@ -192,7 +194,7 @@ def routed_forward(
         route_map=route_map,
         corners=corners,
         patches_per_network=torch.bincount(choices, minlength=len(networks)),
-        macs=None if counter is None else int(counter.get_total_flops() // 2),
+        macs=None if counter is None else int(counter.macs),
     )
 
 

@@ -82,7 +82,6 @@ class SRModule(L.LightningModule):
         self._cost_cache: dict[str, float] | None = None
         self._eval_metrics = nn.ModuleDict()
         self._eval_records: list[dict[str, Any]] = []
-        self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
 
     # ------------------------------------------------------------------ properties
     @property
