@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
 from collections.abc import Iterator
@@ -23,7 +22,6 @@ SMALL = {
     MSRResNet: {"num_features": 8, "num_blocks": 2},
     RCAN: {"num_features": 16, "num_groups": 2, "num_blocks": 2, "reduction": 4},
 }
-HAS_IMRESIZE = importlib.util.find_spec("effsr.ops.imresize") is not None
 
 
 @pytest.fixture(autouse=True)
@@ -190,7 +188,6 @@ def test_bicubic_delegates_to_matlab_imresize(monkeypatch: pytest.MonkeyPatch) -
     assert calls == [((2, 3, 5, 4), 3)] and out.shape == (2, 3, 15, 12)
 
 
-@pytest.mark.skipif(not HAS_IMRESIZE, reason="effsr.ops.imresize not available yet")
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_bicubic_is_parameter_free_and_keeps_constants(scale: int) -> None:
     network = BicubicSR(scale)

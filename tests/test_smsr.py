@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-smsr = pytest.importorskip("effsr.methods.smsr", exc_type=ImportError)
+import effsr.methods.smsr as smsr  # noqa: E402
 from effsr.methods.smsr import SMSR, analytic_macs_720p, convert_official_checkpoint  # noqa: E402
 
 OFFICIAL_SPARSE_COUNTS = [[40, 55, 61, 64], [48, 60, 63, 64], [48, 57, 63, 64], [61, 64, 64, 64], [50, 59, 64, 64]]
@@ -85,7 +85,8 @@ def test_plan_cache_invalidated_on_weight_change() -> None:
 
 
 def test_macs_counted_by_flop_counter_below_dense() -> None:
-    cost = pytest.importorskip("effsr.cost")
+    import effsr.cost as cost
+
     torch.manual_seed(0)
     network = SMSR(scale=2).eval()
     _set_channel_counts(network, OFFICIAL_SPARSE_COUNTS)
@@ -137,8 +138,8 @@ def test_converter_refuses_malicious_pickle(tmp_path: Path) -> None:
 
 
 def test_tiny_fit_then_test_sparse_macs_below_dense(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cli = pytest.importorskip("effsr.cli", exc_type=ImportError)
-    pytest.importorskip("effsr.data.datamodule", exc_type=ImportError)
+    import effsr.cli as cli
+
     config = Path(__file__).resolve().parents[1] / "experiments" / "tiny" / "smsr_x2.yaml"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
