@@ -142,6 +142,48 @@ class RoutedOutput:
         return self.patches_per_network.double() / max(1, int(self.patches_per_network.sum()))
 
 
+def grid_patches(lr: Tensor, row_starts: Sequence[int], col_starts: Sequence[int], patch_size: int) -> Tensor:
+    """All patches of a (1, C, H, W) image on a product grid, row-major, as one (R·Cc, C, p, p) gather."""
+    offsets = torch.arange(patch_size, device=lr.device)
+    rows = torch.as_tensor(list(row_starts), device=lr.device)[:, None] + offsets
+    cols = torch.as_tensor(list(col_starts), device=lr.device)[:, None] + offsets
+    patches = lr[0][:, rows[:, None, :, None], cols[None, :, None, :]]
+    return patches.permute(1, 2, 0, 3, 4).reshape(-1, lr.shape[1], patch_size, patch_size)
+
+
+class _AverageStitcher:
+    """Overlap-averaging stitcher for a product grid: ``index_add_`` of whole batches, separable weights."""
+
+    def __init__(self, lr: Tensor, scale: int, patch_size: int, row_starts: Sequence[int],
+                 col_starts: Sequence[int]) -> None:
+        _, channels, height, width = lr.shape
+        self.size = patch_size * scale
+        self.width = width * scale
+        self.output = lr.new_zeros(channels, height * scale * self.width)
+        rows = torch.as_tensor(list(row_starts), device=lr.device) * scale
+        cols = torch.as_tensor(list(col_starts), device=lr.device) * scale
+        self.bases = (rows[:, None] * self.width + cols[None, :]).reshape(-1)
+        offsets = torch.arange(self.size, device=lr.device)
+        self.local = (offsets[:, None] * self.width + offsets[None, :]).reshape(-1)
+        row_cover = torch.zeros(height * scale, device=lr.device, dtype=lr.dtype)
+        col_cover = torch.zeros(self.width, device=lr.device, dtype=lr.dtype)
+        for start in rows.tolist():
+            row_cover[start:start + self.size] += 1
+        for start in cols.tolist():
+            col_cover[start:start + self.size] += 1
+        self.weight = row_cover[:, None] * col_cover[None, :]
+
+    def add(self, patch_indices: Tensor, sr_patches: Tensor) -> None:
+        """Adds SR patches (n, C, p·s, p·s) of grid positions ``patch_indices`` (n,)."""
+        index = (self.bases[patch_indices][:, None] + self.local[None, :]).reshape(-1)
+        values = sr_patches.permute(1, 0, 2, 3).reshape(sr_patches.shape[1], -1)
+        self.output.index_add_(1, index, values.to(self.output.dtype))
+
+    def result(self) -> Tensor:
+        channels = self.output.shape[0]
+        return (self.output.view(channels, -1, self.width) / self.weight)[None]
+
+
 @torch.no_grad()
 def routed_forward(
     lr: Tensor,
@@ -158,6 +200,8 @@ def routed_forward(
 
     ``policy`` maps (P, C, p, p) tiles to (P,) network indices. With ``count_macs`` the MACs of everything
     that ran (policy and networks) are counted by :class:`effsr.cost.MacCounter`, not estimated.
+    Patches are gathered in one indexing operation and (``blend="average"``) stitched with ``index_add_``
+    per batch, so the only Python loops are over networks and batches, never over patches.
     """
     if lr.shape[0] != 1:
         raise ValueError("routed_forward takes one image at a time (batch size 1)")
@@ -170,27 +214,38 @@ def routed_forward(
     try:
         # Routing policies (classifiers) need full-size patches: a smaller image is replicate-padded.
         padded, height, width = _pad_to_patch(lr, patch_size)
-        stitcher = _Stitcher(padded, scale, patch_size, patch_size, overlap, blend)
-        corners = stitcher.corners
+        stride = max(1, patch_size - overlap)
+        row_starts = _axis_starts(padded.shape[-2], patch_size, stride)
+        col_starts = _axis_starts(padded.shape[-1], patch_size, stride)
+        corners = [(y, x) for y in row_starts for x in col_starts]
+        patches = grid_patches(padded, row_starts, col_starts, patch_size)
         choices = torch.cat([
-            policy(_extract(padded, corners[start:start + batch_size], patch_size, patch_size)).reshape(-1).long().cpu()
+            policy(patches[start:start + batch_size]).reshape(-1).long()
             for start in range(0, len(corners), batch_size)
-        ])
+        ]).cpu()
         if choices.numel() != len(corners) or (choices < 0).any() or (choices >= len(networks)).any():
             raise ValueError(f"routing policy must return one index in [0, {len(networks)}) per patch")
+        if blend == "average":
+            stitcher = _AverageStitcher(padded, scale, patch_size, row_starts, col_starts)
+        else:
+            crop_stitcher = _Stitcher(padded, scale, patch_size, patch_size, overlap, blend)
         for network_index, network in enumerate(networks):
-            selected = [corners[i] for i in torch.nonzero(choices == network_index).flatten().tolist()]
+            selected = torch.nonzero(choices == network_index).flatten()
             for start in range(0, len(selected), batch_size):
                 chunk = selected[start:start + batch_size]
-                outputs = network(_extract(padded, chunk, patch_size, patch_size))
-                for (y, x), output in zip(chunk, outputs, strict=True):
-                    stitcher.add(y, x, output[None])
+                outputs = network(patches[chunk.to(patches.device)])
+                if blend == "average":
+                    stitcher.add(chunk.to(padded.device), outputs)
+                    continue
+                for index, output in zip(chunk.tolist(), outputs, strict=True):
+                    crop_stitcher.add(*corners[index], output[None])
     finally:
         if counter is not None:
             counter.__exit__(None, None, None)
-    route_map = choices.reshape(len(stitcher.row_starts), len(stitcher.col_starts))
+    sr = stitcher.result() if blend == "average" else crop_stitcher.result()
+    route_map = choices.reshape(len(row_starts), len(col_starts))
     return RoutedOutput(
-        sr=stitcher.result()[..., : height * scale, : width * scale],
+        sr=sr[..., : height * scale, : width * scale],
         route_map=route_map,
         corners=corners,
         patches_per_network=torch.bincount(choices, minlength=len(networks)),
