@@ -115,7 +115,8 @@ def test_converter_round_trip_legacy_format(tmp_path: Path) -> None:
     dst = tmp_path / "out" / "smsr_x2.ckpt"
     convert_official_checkpoint(str(src), str(dst), scale=2)
     checkpoint = torch.load(dst, map_location="cpu", weights_only=False)
-    network = SMSR(**checkpoint["hyper_parameters"]["network"]["init_args"])
+    assert "hyper_parameters" not in checkpoint and checkpoint["effsr"]["structure"] == {}
+    network = SMSR(**checkpoint["smsr_network"])
     network.load_state_dict({k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items()})
     for key, value in state.items():
         assert torch.equal(network.state_dict()[key], value)
@@ -134,6 +135,98 @@ def test_converter_refuses_malicious_pickle(tmp_path: Path) -> None:
     torch.save({"head.0.weight": torch.zeros(1), "payload": _Evil()}, src)
     with pytest.raises(smsr.CheckpointError, match="unpickling"):
         convert_official_checkpoint(str(src), str(tmp_path / "out.ckpt"), scale=2)
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+def _official_layout_state_dict(scale: int, width: int = 64, modules: int = 5, layers: int = 4) -> dict:
+    """A synthetic state_dict with the released SMSR key layout and shapes (methods.md §3), built without SMSR."""
+    generator = torch.Generator().manual_seed(scale)
+    quarter = width // 4
+
+    def conv(out_channels: int, in_channels: int, kernel: int, bias: bool = True, gain: float = 1.0) -> dict:
+        fan_in = in_channels * kernel * kernel
+        weight = torch.randn(out_channels, in_channels, kernel, kernel, generator=generator) * gain / fan_in**0.5
+        return {"weight": weight, **({"bias": torch.randn(out_channels, generator=generator) * 0.1} if bias else {})}
+
+    def put(prefix: str, params: dict) -> None:
+        state.update({f"{prefix}.{name}": value for name, value in params.items()})
+
+    mean = torch.tensor(RGB_MEAN) * 255.0
+    state: dict[str, torch.Tensor] = {
+        "sub_mean.weight": torch.eye(3).view(3, 3, 1, 1), "sub_mean.bias": -mean,
+    }
+    put("head.0", conv(width, 3, 3))
+    put("head.2", conv(width, width, 3))
+    for k in range(modules):
+        put(f"body.{k}.spa_mask.0", conv(quarter, width, 3))
+        put(f"body.{k}.spa_mask.3", conv(quarter, quarter, 3))
+        transposed = torch.randn(quarter, 2, 3, 3, generator=generator) / (9 * quarter) ** 0.5
+        state.update({f"body.{k}.spa_mask.5.weight": transposed, f"body.{k}.spa_mask.5.bias": torch.zeros(2)})
+        state[f"body.{k}.body.ch_mask"] = torch.randn(1, width, layers, 2, generator=generator)
+        for i in range(layers):
+            put(f"body.{k}.body.body.{i}", conv(width, width, 3, bias=False, gain=1.4))
+        put(f"body.{k}.body.collect", conv(width, width * layers, 1))
+        put(f"body.{k}.ca.conv_du.0", conv(width // 16, width, 1))
+        put(f"body.{k}.ca.conv_du.2", conv(width, width // 16, 1))
+    put("collect.0", conv(width, width * modules, 1))
+    put("collect.2", conv(width, width, 3))
+    put("tail.0", conv(3 * scale * scale, width, 3, gain=0.3))
+    state.update({"add_mean.weight": torch.eye(3).view(3, 3, 1, 1), "add_mean.bias": mean.clone()})
+    assert state["body.0.body.ch_mask"].shape == (1, width, layers, 2)
+    assert state["body.4.body.body.3.weight"].shape == (width, width, 3, 3) if modules == 5 else True
+    return state
+
+
+def test_convert_official_then_effsr_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`effsr convert` of a legacy-format official state_dict, then `effsr test --config smsr_x2.yaml` on it."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    import effsr.cli as cli
+    from effsr.metrics import psnr
+    from effsr.ops.imresize import bicubic_degrade
+
+    monkeypatch.chdir(tmp_path)
+    state = _official_layout_state_dict(2)
+    src = tmp_path / "SMSR_x2.pt"
+    torch.save(state, src, _use_new_zipfile_serialization=False)
+    assert cli.main(["convert", "--method", "smsr", "--scale", "2", str(src), "smsr_x2.ckpt"]) == 0
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    images = {"astronaut": skdata.astronaut()[100:150, 180:244], "coffee": skdata.coffee()[120:166, 200:258]}
+    for name, image in images.items():
+        Image.fromarray(image).save(hr_dir / f"{name}.png")
+    config = Path(__file__).resolve().parents[1] / "experiments" / "smsr_x2.yaml"
+    code = cli.main(["test", "--config", str(config), "--ckpt_path", "smsr_x2.ckpt", "--trainer.logger", "false",
+                     "--trainer.default_root_dir", "run", "--data.test_sets", f"[{hr_dir}]",
+                     "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache")])
+    assert code == 0
+    results = json.loads((tmp_path / "run" / "test_results.json").read_text())
+    (row,) = results.values()
+    assert row["n_images"] == 2 and row["macs_720p"] < row["macs_720p_dense"]
+    network = SMSR(scale=2, pixel_range=255.0).eval()
+    network.load_state_dict(state)
+    with torch.no_grad():
+        for name, image in images.items():
+            hr, lr = bicubic_degrade(image, 2)
+            lr_t = torch.from_numpy(lr).permute(2, 0, 1)[None].float()
+            sr = (network.forward_hard(lr_t) / 255.0).clamp(0, 1)
+            expected = float(psnr(sr, torch.from_numpy(hr).permute(2, 0, 1)[None].float() / 255, 2, True)[0])
+            assert abs(row["images"][name]["psnr_y"] - expected) < 1e-3
+    bad = torch.load("smsr_x2.ckpt", weights_only=True)
+    module = smsr.SMSRModule(SMSR(scale=2, pixel_range=1.0))
+    with pytest.raises(smsr.CheckpointError, match="pixel_range=255.0"):
+        module.on_load_checkpoint(bad)
+    evil = tmp_path / "evil.pt"
+    torch.save({"head.0.weight": torch.zeros(1), "payload": _Evil()}, evil)
+    capsys.readouterr()
+    assert cli.main(["convert", "--method", "smsr", "--scale", "2", str(evil), "out.ckpt"]) == 2
+    message = capsys.readouterr().err
+    assert "arbitrary unpickling" in message and "refusing" in message
     assert not (tmp_path / "out.ckpt").exists()
 
 

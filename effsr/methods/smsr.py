@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import tempfile
 from typing import Any
 
+import lightning
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effsr.checkpointing import atomic_torch_save, load_untrusted
 from effsr.errors import CheckpointError
 from effsr.models.base import SRModule, log_image
 
@@ -473,6 +473,22 @@ class SMSRModule(SRModule):
             "spatial_density": density,
         }
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checks a converted official checkpoint's network arguments (pixel range!) against the config's."""
+        super().on_load_checkpoint(checkpoint)
+        needed = checkpoint.get("smsr_network")
+        if not needed:
+            return
+        have = network_init_args(self.network)
+        wrong = {key: (value, have.get(key)) for key, value in needed.items() if have.get(key) != value}
+        if wrong:
+            details = ", ".join(f"{key}={want} (config has {got})" for key, (want, got) in wrong.items())
+            raise CheckpointError(
+                f"the checkpoint ({checkpoint.get('converted_from', 'converted SMSR')}) needs an SMSR network with "
+                f"{details}; set them under model.init_args.network.init_args (experiments/smsr_x{needed['scale']}"
+                ".yaml matches the official weights)."
+            )
+
     def on_eval_image(self, stage: str, set_name: str, name: str, lr: Tensor, sr: Tensor, hr: Tensor) -> None:
         """Logs the spatial masks of every SMM of the first evaluated image per set as one strip."""
         if (
@@ -493,20 +509,30 @@ class SMSRModule(SRModule):
         )
 
 
+def network_init_args(network: SMSR) -> dict[str, Any]:
+    """The :class:`SMSR` constructor arguments that determine the state_dict layout and pixel range."""
+    return {
+        "scale": int(network.scale),
+        "num_features": int(network.head[0].out_channels),
+        "num_modules": len(network.body),
+        "num_layers": int(network.body[0].body.n_layers),
+        "pixel_range": float(network.pixel_range),
+    }
+
+
 def convert_official_checkpoint(src: str, dst: str, scale: int) -> None:
-    """Converts an official SMSR state_dict (pixel range 255) into an effsr Lightning checkpoint, atomically."""
-    try:
-        loaded = torch.load(src, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{src} needs arbitrary unpickling to load (weights_only=True refused it: {error}); an official SMSR "
-            "checkpoint is a plain state_dict of tensors, so this file is not one — it is not loaded for safety."
-        ) from error
-    except (OSError, RuntimeError) as error:
-        raise CheckpointError(f"cannot read {src} as a torch checkpoint: {error}") from error
+    """Converts an official SMSR state_dict (pixel range 255) into an effsr checkpoint, atomically.
+
+    The result has the layout of effsr's own checkpoints (``state_dict`` with the ``network.`` prefix, the
+    ``effsr`` phase state, no ``hyper_parameters`` — LightningCLI would merge those into the config) plus
+    ``smsr_network``: the SMSR arguments it needs, checked against the config's network when it is loaded.
+    """
+    loaded = load_untrusted(src)
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state, dict) or "head.0.weight" not in state:
-        raise CheckpointError(f"{src} is not an official SMSR state_dict (no `head.0.weight` key).")
+    if not isinstance(state, dict) or "head.0.weight" not in state or "body.0.body.ch_mask" not in state:
+        raise CheckpointError(
+            f"{src} is not an official SMSR state_dict (no `head.0.weight` / `body.0.body.ch_mask` keys)."
+        )
     width = state["head.0.weight"].shape[0]
     n_modules = len({key.split(".")[1] for key in state if key.startswith("body.")})
     n_layers = state["body.0.body.ch_mask"].shape[2]
@@ -527,31 +553,12 @@ def convert_official_checkpoint(src: str, dst: str, scale: int) -> None:
                 f"{src}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}."
             )
     checkpoint = {
-        "state_dict": {f"network.{key}": value.float() for key, value in state.items()},
-        "hyper_parameters": {
-            "network": {
-                "class_path": "effsr.methods.smsr.SMSR",
-                "init_args": {
-                    "scale": scale,
-                    "num_features": width,
-                    "num_modules": n_modules,
-                    "num_layers": n_layers,
-                    "pixel_range": 255.0,
-                },
-            }
-        },
+        "state_dict": {f"network.{key}": value.float().contiguous() for key, value in state.items()},
+        "effsr": {"phase_name": None, "phase_settings": {}, "schedule_values": {}, "structure": {}},
+        "smsr_network": network_init_args(network),
+        "converted_from": os.path.basename(src),
         "epoch": 0,
         "global_step": 0,
-        "pytorch-lightning_version": "2.6.0",
-        "converted_from": os.path.basename(src),
+        "pytorch-lightning_version": lightning.__version__,
     }
-    directory = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(checkpoint, tmp_path)
-        os.replace(tmp_path, dst)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    atomic_torch_save(checkpoint, dst)
