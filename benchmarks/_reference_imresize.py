@@ -16,28 +16,18 @@ def _cubic(x: np.ndarray) -> np.ndarray:
 
 
 def _contributions(in_len: int, out_len: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per output pixel: mirrored 0-based source indices and normalised weights."""
+    """Per output pixel: mirrored 0-based source indices and normalised weights (out_len, taps)."""
     width = 4.0 / scale if scale < 1 else 4.0
     taps = math.ceil(width) + 2
-    indices = np.zeros((out_len, taps), dtype=np.int64)
-    weights = np.zeros((out_len, taps))
-    for out_index in range(out_len):
-        source = (out_index + 1) / scale + 0.5 * (1 - 1 / scale)
-        left = math.floor(source - width / 2)
-        for tap in range(taps):
-            position = left + tap
-            distance = source - position
-            weights[out_index, tap] = scale * _cubic(np.array(distance * scale)) if scale < 1 else _cubic(
-                np.array(distance)
-            )
-            zero_based = position - 1
-            if zero_based < 0:
-                zero_based = -zero_based - 1
-            if zero_based >= in_len:
-                zero_based = 2 * in_len - 1 - zero_based
-            indices[out_index, tap] = zero_based
-        weights[out_index] /= weights[out_index].sum()
-    return indices, weights
+    source = np.arange(1, out_len + 1) / scale + 0.5 * (1 - 1 / scale)
+    positions = np.floor(source - width / 2)[:, None] + np.arange(taps)[None, :]
+    distance = source[:, None] - positions
+    weights = scale * _cubic(distance * scale) if scale < 1 else _cubic(distance)
+    weights /= weights.sum(axis=1, keepdims=True)
+    zero_based = positions.astype(np.int64) - 1
+    zero_based = np.where(zero_based < 0, -zero_based - 1, zero_based)
+    zero_based = np.where(zero_based >= in_len, 2 * in_len - 1 - zero_based, zero_based)
+    return zero_based, weights
 
 
 def reference_imresize(image: np.ndarray, scale: float) -> np.ndarray:
