@@ -1,19 +1,52 @@
 """ClassSR (Kong et al., CVPR 2021): a patch classifier routes LR sub-images to K branches of growing width.
 
-Pieces: :class:`Classifier`, :class:`ClassSRNet` (branches + classifier), the losses :func:`class_loss`
-(L_class) and :func:`average_loss` (L_avg), and :class:`ClassSRModule` with the phases
-reference -> split -> branches -> classifier -> joint and routed tiled inference.
+Pieces: :class:`Classifier`, :class:`ClassSRNet` (branches + classifier, built from any effsr backbone and
+a list of widths), the losses :func:`class_loss` (L_class) and :func:`average_loss` (L_avg), the PSNR split
+(:func:`split_by_score`, cached on disk) and :class:`ClassSRModule`, which runs the pipeline
+``reference -> split -> branches -> classifier -> joint`` as :class:`effsr.phases.PhaseSchedule` phases and
+evaluates with routed tiled inference (one batch per branch, overlap averaging, whole image covered).
+
+Phase kinds (a phase's ``name`` starts with its kind, or ``settings.kind`` names it; names stay unique):
+
+- ``reference``: the wide branch (last) trained with L1 on every sub-image (the paper's "-O" model);
+  ``until: reference_ready`` ends it after one step when ``reference_checkpoint`` was loaded.
+- ``split`` (``steps: 0``): the wide branch scores every training sub-image by PSNR; sorted and cut into K
+  equal classes (highest PSNR -> class 0 -> narrowest branch). Cached under ``split_cache_dir`` keyed by
+  the data and the reference weights.
+- ``branches``: branch k is trained on class k only (``settings.branch``: an index or a list; default all K
+  at once, each sample going to its class's branch). The sampler draws from those classes only.
+- ``classifier``: branches frozen, classifier trained with w1·L1 + w2·L_class + w3·L_avg on the soft mixture.
+- ``joint``: everything trained with the same loss.
 """
 from __future__ import annotations
 
-from typing import Any
+import copy
+import hashlib
+import importlib
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from effsr.inference.tiling import routed_forward
-from effsr.models.base import SRModule
+from effsr.cost import count_macs, count_params, lr_size_for_720p, macs_at_720p
+from effsr.errors import CheckpointError, ConfigError
+from effsr.inference.tiling import RoutedOutput, route_overlay, routed_forward, tile_grid
+from effsr.metrics import psnr as psnr_fn
+from effsr.models.base import SRModule, log_image
+
+PHASE_KINDS = ("reference", "split", "branches", "classifier", "joint")
+SPLIT_VERSION = 1
+CLASS_NAMES = ("simple", "medium", "hard")
 
 
 class Classifier(nn.Module):
@@ -41,32 +74,68 @@ def class_loss(probabilities: Tensor) -> Tensor:
     return -differences.abs().sum(dim=(1, 2)).mean() / 2
 
 
-def average_loss(probabilities: Tensor) -> Tensor:
-    """L_avg: sum over classes of |sum_batch p_i - B/K| (equal use of the classes over the batch)."""
+def average_loss(probabilities: Tensor, normalized: bool = True) -> Tensor:
+    """L_avg: sum over classes of |sum_batch p_i - B/K| (equal use of the classes over the batch).
+
+    ``normalized`` divides by 4·B/K as the official code does; the paper weights (w3 = 3) refer to that form.
+    """
     batch, num_classes = probabilities.shape
-    return (probabilities.sum(dim=0) - batch / num_classes).abs().sum()
+    target = batch / num_classes
+    loss = (probabilities.sum(dim=0) - target).abs().sum()
+    return loss / (4 * target) if normalized else loss
 
 
 def gather_with_grad(tensor: Tensor) -> Tensor:
     """Concatenates ``tensor`` over all DDP ranks keeping gradients (identity when not distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()):
         return tensor
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(tensor), dim=0)
 
 
-class ClassSRNet(nn.Module):
-    """K branch networks (narrow first) and a classifier; soft mixture in training, argmax routing in inference."""
+def _import_backbone(path: str) -> type[nn.Module]:
+    """A backbone class from ``module.Class`` or a name exported by :mod:`effsr.archs`."""
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name or "effsr.archs")
+        return getattr(module, class_name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"ClassSRNet backbone '{path}' not found (e.g. effsr.archs.FSRCNN)") from error
 
-    def __init__(self, branches: list[nn.Module], classifier: Classifier | None = None) -> None:
+
+class ClassSRNet(nn.Module):
+    """K branch networks (narrow first) and a classifier; soft mixture in training, argmax routing in inference.
+
+    Either give ``branches`` (nn.Modules) or ``backbone`` (class path, e.g. ``effsr.archs.FSRCNN``) with one
+    width per branch: branch k = ``backbone(scale=scale, **{width_arg: widths[k]}, **backbone_args)``.
+    """
+
+    def __init__(self, branches: list[nn.Module] | None = None, classifier: Classifier | None = None, *,
+                 backbone: str | None = None, widths: list[int] | None = None, width_arg: str = "num_features",
+                 backbone_args: dict[str, Any] | None = None, scale: int | None = None,
+                 pixel_range: float | None = None) -> None:
         super().__init__()
+        if branches is None:
+            if backbone is None or not widths or scale is None:
+                raise ConfigError("ClassSRNet needs `branches`, or `backbone`, `widths` and `scale`")
+            extra = dict(backbone_args or {})
+            if pixel_range is not None:
+                extra["pixel_range"] = pixel_range
+            backbone_class = _import_backbone(backbone)
+            branches = [backbone_class(scale=scale, **{width_arg: width}, **extra) for width in widths]
         if len(branches) < 2:
-            raise ValueError("ClassSRNet needs at least two branches")
+            raise ConfigError("ClassSRNet needs at least two branches")
         self.branches = nn.ModuleList(branches)
         self.scale = int(branches[0].scale)
+        if scale is not None and int(scale) != self.scale:
+            raise ConfigError(f"ClassSRNet: scale={scale} but the branches upsample by x{self.scale}")
         self.pixel_range = float(getattr(branches[0], "pixel_range", 1.0))
         self.classifier = classifier or Classifier(len(branches), pixel_range=self.pixel_range)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.branches)
 
     def forward(self, lr: Tensor) -> tuple[Tensor, Tensor]:
         """Returns (sum_k p_k * branch_k(lr), class probabilities)."""
@@ -75,59 +144,601 @@ class ClassSRNet(nn.Module):
         return (outputs * probabilities[:, :, None, None, None]).sum(dim=1), probabilities
 
 
-class ClassSRModule(SRModule):
-    """ClassSR training phases and routed inference; ``network`` is a :class:`ClassSRNet`."""
+# ------------------------------------------------------------------------------------------------ split
+def split_by_score(scores: np.ndarray, num_classes: int) -> tuple[np.ndarray, list[float]]:
+    """Equal-size classes by descending score (class 0 = highest PSNR = simplest) and the K-1 thresholds.
 
-    def __init__(self, network: ClassSRNet, loss_weights: tuple[float, float, float] = (1000.0, 0.5, 3.0),
-                 patch_size: int = 32, overlap: int = 4, force_branch: int | None = None, **kwargs: Any) -> None:
-        super().__init__(network=network, **kwargs)
-        self.loss_weights = tuple(loss_weights)
+    Ties are broken by index, so class sizes differ by at most one; threshold k is the midpoint between the
+    last score of class k and the first of class k + 1 (descending, e.g. ``[35.15, 27.17]`` for K = 3).
+    """
+    count = len(scores)
+    if count < num_classes:
+        raise ConfigError(f"the split needs at least {num_classes} training sub-images, got {count}")
+    order = np.lexsort((np.arange(count), -np.asarray(scores, dtype=np.float64)))
+    labels = np.empty(count, dtype=np.uint8)
+    labels[order] = (np.arange(count) * num_classes // count).astype(np.uint8)
+    thresholds = []
+    for k in range(1, num_classes):
+        boundary = -(-k * count // num_classes)
+        low, high = float(scores[order[boundary]]), float(scores[order[boundary - 1]])
+        thresholds.append((low + high) / 2 if math.isfinite(high) else low)
+    return labels, thresholds
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _broadcast_object(value: Any) -> Any:
+    if not _distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _all_gather_object(value: Any) -> list[Any]:
+    if not _distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _histogram_image(scores: np.ndarray, thresholds: list[float], title: str) -> np.ndarray:
+    """HxWx3 uint8 rendering of the patch-PSNR histogram with the class thresholds."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    finite = scores[np.isfinite(scores)]
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    axis.hist(finite, bins=min(100, max(10, len(finite) // 20)), color="#4a6fa5")
+    for threshold in thresholds:
+        axis.axvline(threshold, color="#c0392b", linestyle="--")
+        axis.text(threshold, axis.get_ylim()[1] * 0.95, f" {threshold:.2f} dB", color="#c0392b",
+                  rotation=90, va="top", ha="left", fontsize=8)
+    axis.set_xlabel("reference PSNR of the sub-image (dB)")
+    axis.set_ylabel("sub-images")
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    buffer.seek(0)
+    from PIL import Image
+
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+# ------------------------------------------------------------------------------------------------ module
+class ClassSRModule(SRModule):
+    """ClassSR training phases and routed inference; ``network`` is a :class:`ClassSRNet`.
+
+    Args:
+        network: the branches and the classifier.
+        loss_weights: (w1, w2, w3) of L1 (on [0, 1] whatever the pixel range), L_class and normalised L_avg.
+        patch_size: LR patch side of routed inference (paper 32).
+        stride: LR stride between patches (paper 28, i.e. overlap 4); the grid covers the whole image.
+        route_batch_size: patches per branch call in routed inference.
+        force_branch: route every patch through this branch (the "-O" baselines and ablations).
+        reference_checkpoint: wide-branch weights to start from (a checkpoint of the backbone at the wide
+            width, ``network.*`` keys, a ClassSR checkpoint, or a plain state dict).
+        wide_from_reference: the wide branch keeps the reference weights for ``branches``; else it restarts
+            from its initial weights after the split.
+        split_metric: ``rgb`` (official: RGB PSNR, border crop = scale) or ``y``.
+        split_batch_size: sub-images per scoring batch.
+        split_cache_dir: folder of cached splits (default ``<data.cache_dir>/classsr_splits``).
+        route_maps_per_set: routing maps logged per validation set and validation run (None: every image).
+        **kwargs: forwarded to :class:`SRModule` (``tile_above_pixels`` defaults to -1: routing tiles already).
+    """
+
+    def __init__(self, network: ClassSRNet, *args: Any, loss_weights: tuple[float, float, float] = (1000.0, 0.5, 3.0),
+                 patch_size: int = 32, stride: int = 28, route_batch_size: int = 64, force_branch: int | None = None,
+                 reference_checkpoint: str | None = None, wide_from_reference: bool = True,
+                 split_metric: Literal["rgb", "y"] = "rgb", split_batch_size: int = 64,
+                 split_cache_dir: str | None = None, route_maps_per_set: int | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("tile_above_pixels", -1)
+        super().__init__(network, *args, **kwargs)
+        if not 0 < stride <= patch_size:
+            raise ConfigError(f"ClassSR stride must be in 1..patch_size ({patch_size}), got {stride}")
+        if force_branch is not None and not 0 <= force_branch < network.num_classes:
+            raise ConfigError(f"force_branch must be in 0..{network.num_classes - 1}, got {force_branch}")
+        if split_metric not in ("rgb", "y"):
+            raise ConfigError(f"split_metric must be 'rgb' or 'y', got {split_metric!r}")
+        self.loss_weights = tuple(float(weight) for weight in loss_weights)
         self.patch_size = patch_size
-        self.overlap = overlap
+        self.stride = stride
+        self.route_batch_size = route_batch_size
         self.force_branch = force_branch
+        self.reference_checkpoint = reference_checkpoint
+        self.wide_from_reference = wide_from_reference
+        self.split_metric = split_metric
+        self.split_batch_size = split_batch_size
+        self.split_cache_dir = split_cache_dir
+        self.route_maps_per_set = route_maps_per_set
         self.split_thresholds: list[float] = []
+        self.split_labels: Tensor | None = None
+        self.split_key: str | None = None
+        self.split_info: dict[str, Any] = {}
+        self._initial_wide = {key: value.detach().clone() for key, value in network.branches[-1].state_dict().items()}
+        self._patch_macs_cache: tuple[list[int], int] | None = None
+        self._last_route: RoutedOutput | None = None
+        self._classsr_records: list[dict[str, Any]] = []
+        self._route_maps_logged: dict[str, int] = {}
+        self._measured_counts: Tensor | None = None
+        self._set_aggregates: dict[str, dict[str, Any]] = {}
+        self._per_image: dict[str, dict[str, dict[str, Any]]] = {}
+        if reference_checkpoint:
+            load_reference_weights(network, reference_checkpoint)
+
+    # ------------------------------------------------------------------ phases
+    @property
+    def num_classes(self) -> int:
+        return self.network.num_classes
+
+    def phase_kind(self, name: str | None = None, settings: dict[str, Any] | None = None) -> str | None:
+        """The kind (reference/split/branches/classifier/joint) of a phase, from ``settings.kind`` or its name."""
+        name = self.phase_name if name is None else name
+        settings = self.phase_settings if settings is None else settings
+        if name is None:
+            return None
+        kind = settings.get("kind") or next((kind for kind in PHASE_KINDS if name.startswith(kind)), None)
+        if kind not in PHASE_KINDS:
+            raise ConfigError(
+                f"ClassSR phase '{name}': the name must start with one of {PHASE_KINDS} (or set settings.kind)"
+            )
+        return kind
+
+    def trained_branches(self) -> list[int]:
+        """Branches trained in the current phase."""
+        kind = self.phase_kind()
+        if kind in ("reference", "split", None):
+            return [self.num_classes - 1]
+        if kind == "classifier":
+            return []
+        selected = self.phase_settings.get("branch") if kind == "branches" else None
+        if selected is None:
+            return list(range(self.num_classes))
+        selected = [selected] if isinstance(selected, int) else list(selected)
+        if any(not 0 <= int(k) < self.num_classes for k in selected):
+            raise ConfigError(f"phase '{self.phase_name}': branch must be in 0..{self.num_classes - 1}, got {selected}")
+        return sorted(int(k) for k in selected)
+
+    def on_phase_start(self, name: str, settings: dict[str, Any]) -> bool:
+        """Sets the trainable set, computes the split (``split``) and restricts the data (``branches``)."""
+        kind = self.phase_kind(name, settings)
+        if kind == "split":
+            self.compute_split(self._datamodule())
+            if not self.wide_from_reference:
+                self.network.branches[-1].load_state_dict(self._initial_wide)
+            return False
+        if kind == "branches" and self.split_labels is None:
+            raise ConfigError(f"phase '{name}' trains branches on their classes: put a `split` phase before it")
+        trained = set(self.trained_branches())
+        for parameter in self.network.classifier.parameters():
+            parameter.requires_grad_(kind in ("classifier", "joint"))
+        for index, branch in enumerate(self.network.branches):
+            for parameter in branch.parameters():
+                parameter.requires_grad_(index in trained)
+        self._apply_data_subset()
+        return True
+
+    def phase_condition(self, name: str) -> bool:
+        """``reference_ready``: a reference checkpoint was loaded."""
+        if name == "reference_ready":
+            return self.reference_checkpoint is not None
+        return super().phase_condition(name)
+
+    def on_train_start(self) -> None:
+        """Re-applies the per-class data subset after a resume."""
+        self._apply_data_subset()
+
+    def _datamodule(self) -> Any:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "set_train_subset"):
+            raise ConfigError("ClassSR's split and branch phases need effsr's SRDataModule (data: ...)")
+        return datamodule
+
+    def _apply_data_subset(self) -> None:
+        if self._trainer is None or self.phase_kind() is None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "set_train_subset"):
+            return
+        if self.phase_kind() != "branches" or self.split_labels is None:
+            datamodule.set_train_subset(None)
+            return
+        labels = self.split_labels.numpy()
+        indices = np.nonzero(np.isin(labels, self.trained_branches()))[0]
+        datamodule.set_train_subset(indices)
+
+    def configure_optimizers(self) -> Any:
+        """SRModule's optimizer; a phase with ``cosine_steps`` (and ``eta_min``) gets its own cosine schedule."""
+        configured = super().configure_optimizers()
+        steps = self.phase_settings.get("cosine_steps")
+        if steps is None or isinstance(configured, dict):
+            return configured
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            configured, T_max=int(steps), eta_min=float(self.phase_settings.get("eta_min", 1e-7)))
+        return {"optimizer": configured, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ training
+    def labels_for(self, indices: Tensor) -> Tensor:
+        """Class of each training sub-image index (on the indices' device)."""
+        if self.split_labels is None:
+            raise ConfigError("no ClassSR split yet: put a `split` phase before the `branches` phases")
+        return self.split_labels[indices.cpu()].to(indices.device).long()
 
     def training_loss(self, lr: Tensor, hr: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Reference/branches phases: L1 of the wide branch; classifier/joint: w1*L1 + w2*L_class + w3*L_avg."""
-        phase = getattr(self, "phase_name", None)
-        if phase in ("classifier", "joint"):
+        """reference: L1 of the wide branch; branches: L1 of each sample's class branch; classifier/joint:
+        w1*L1 + w2*L_class + w3*L_avg (L_avg over the global batch under DDP)."""
+        kind = self.phase_kind() or "reference"
+        if kind in ("classifier", "joint"):
             sr, probabilities = self.network(lr)
             l1 = F.l1_loss(sr, hr) / self.network.pixel_range
             l_class = class_loss(probabilities)
             l_avg = average_loss(gather_with_grad(probabilities))
             w1, w2, w3 = self.loss_weights
             loss = w1 * l1 + w2 * l_class + w3 * l_avg
-            return loss, {"l1": l1.detach(), "l_class": l_class.detach(), "l_avg": l_avg.detach()}
+            logs = {"l1": l1.detach(), "l_class": l_class.detach(), "l_avg": l_avg.detach(),
+                    f"{kind}/loss": loss.detach()}
+            choices = probabilities.detach().argmax(dim=1)
+            for k in range(self.num_classes):
+                logs[f"class_prob/{k}"] = probabilities[:, k].detach().mean()
+                logs[f"class_frac/{k}"] = (choices == k).float().mean()
+            return loss, logs
+        if kind == "branches":
+            return self._branches_loss(lr, hr, batch)
         sr = self.network.branches[-1](lr)
         loss = F.l1_loss(sr, hr)
-        return loss, {"l1": loss.detach()}
+        return loss, {"l1": loss.detach(), f"{kind}/loss": loss.detach()}
 
-    def on_phase_start(self, name: str, settings: dict[str, Any]) -> bool:
-        """Sets the trainable set: reference/branches -> branches, classifier -> classifier, joint -> all."""
-        train_classifier = name in ("classifier", "joint")
-        train_branches = name != "classifier"
-        for parameter in self.network.classifier.parameters():
-            parameter.requires_grad_(train_classifier)
-        for parameter in self.network.branches.parameters():
-            parameter.requires_grad_(train_branches)
-        return True
+    def _branches_loss(self, lr: Tensor, hr: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        labels = self.labels_for(batch["index"])
+        total = lr.new_zeros(())
+        used = 0
+        logs: dict[str, Tensor] = {}
+        for k in self.trained_branches():
+            branch = self.network.branches[k]
+            mask = labels == k
+            count = int(mask.sum())
+            logs[f"class_frac/{k}"] = mask.float().mean()
+            if count == 0:
+                # Keeps every trained parameter in the graph (DDP expects gradients for all of them).
+                total = total + sum(parameter.sum() for parameter in branch.parameters()) * 0.0
+                continue
+            l1 = F.l1_loss(branch(lr[mask]), hr[mask])
+            logs[f"l1_branch{k}"] = l1.detach()
+            total = total + l1 * count
+            used += count
+        loss = total / max(used, 1)
+        logs["l1"] = loss.detach()
+        logs["branches/loss"] = loss.detach()
+        return loss, logs
 
+    # ------------------------------------------------------------------ split
+    def _split_folder(self, datamodule: Any) -> Path:
+        if self.split_cache_dir:
+            return Path(self.split_cache_dir).expanduser()
+        return Path(getattr(datamodule, "cache_dir", None) or tempfile.gettempdir()) / "classsr_splits"
+
+    def split_cache_key(self, datamodule: Any) -> str:
+        """Hash of the sub-image table, the cached arrays it reads, the reference weights and the protocol."""
+        dataset = datamodule.train_dataset
+        digest = hashlib.sha256()
+        pairs = dataset.store.pairs
+        header = [SPLIT_VERSION, self.num_classes, self.split_metric, int(datamodule.scale), int(dataset.lr_size),
+                  [pair.hr_file.name for pair in pairs], [pair.lr_file.name for pair in pairs]]
+        digest.update(json.dumps(header).encode())
+        digest.update(np.ascontiguousarray(dataset.table).tobytes())
+        for key, value in sorted(self.network.branches[-1].state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:24]
+
+    @torch.no_grad()
+    def score_subimages(self, datamodule: Any) -> np.ndarray:
+        """Reference (wide-branch) PSNR of every training sub-image; each DDP rank scores a shard, then all gather."""
+        reference = self.network.branches[-1]
+        was_training = reference.training
+        reference.eval()
+        crop = self.scale
+        indices: list[np.ndarray] = []
+        scores: list[np.ndarray] = []
+        loader = datamodule.subimage_dataloader(batch_size=self.split_batch_size, split_across_ranks=True)
+        device = next(reference.parameters()).device
+        try:
+            for batch_index, batch in enumerate(loader):
+                lr = batch["lr"].to(device).float().div_(255.0)
+                hr = batch["hr"].to(device).float().div_(255.0)
+                sr = reference(lr * self.pixel_range) / self.pixel_range
+                values = psnr_fn(sr, hr, crop_border=crop, y_channel=self.split_metric == "y")
+                indices.append(batch["index"].numpy())
+                scores.append(values.cpu().numpy())
+                if batch_index % 200 == 0 and _rank() == 0:
+                    rank_zero_info(f"[effsr] ClassSR split: scored {batch_index * self.split_batch_size} sub-images "
+                                   f"on rank 0 ({len(loader)} batches per rank)")
+        finally:
+            reference.train(was_training)
+        local = (np.concatenate(indices) if indices else np.zeros(0, np.int64),
+                 np.concatenate(scores) if scores else np.zeros(0, np.float64))
+        total = datamodule.num_subimages
+        full = np.full(total, np.nan, dtype=np.float64)
+        for part_indices, part_scores in _all_gather_object(local):
+            full[part_indices] = part_scores
+        if np.isnan(full).any():
+            raise ConfigError("ClassSR split: some sub-images were not scored (sampler/rank mismatch)")
+        return full
+
+    def compute_split(self, datamodule: Any) -> dict[str, Any]:
+        """Scores (or loads the cached scores of) every training sub-image, splits them into K classes, logs.
+
+        Returns the split summary (thresholds, class sizes, whether the cache was used, cache path).
+        """
+        from effsr.data.datasets import SubImageDataset
+
+        if getattr(datamodule, "train_dataset", None) is None:
+            datamodule.setup("fit")
+        if not isinstance(datamodule.train_dataset, SubImageDataset):
+            raise ConfigError("ClassSR's split scores fixed sub-images: set data.train_crop: grid")
+        key = self.split_cache_key(datamodule)
+        path = self._split_folder(datamodule) / f"split-{key}.npz"
+        scores = None
+        if _rank() == 0 and path.is_file():
+            with np.load(path) as stored:
+                if len(stored["scores"]) == datamodule.num_subimages:
+                    scores = stored["scores"]
+        scores = _broadcast_object(scores)
+        cached = scores is not None
+        if scores is None:
+            scores = self.score_subimages(datamodule)
+            if _rank() == 0:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle, temporary = tempfile.mkstemp(prefix=".split-", suffix=".npz", dir=path.parent)
+                with os.fdopen(handle, "wb") as stream:
+                    np.savez(stream, scores=scores)
+                os.replace(temporary, path)
+        labels, thresholds = split_by_score(scores, self.num_classes)
+        self.split_labels = torch.from_numpy(labels)
+        self.split_thresholds = thresholds
+        self.split_key = key
+        finite = scores[np.isfinite(scores)]
+        self.split_info = {
+            "thresholds": thresholds, "class_sizes": np.bincount(labels, minlength=self.num_classes).tolist(),
+            "cached": cached, "path": str(path), "num_subimages": int(len(scores)),
+            "psnr_mean": float(finite.mean()) if len(finite) else math.nan,
+        }
+        rank_zero_info(f"[effsr] ClassSR split ({'cached' if cached else 'computed'}, {path}): "
+                       f"{len(scores)} sub-images, thresholds {', '.join(f'{t:.3f}' for t in thresholds)} dB, "
+                       f"class sizes {self.split_info['class_sizes']}")
+        self._log_split(scores, thresholds)
+        return self.split_info
+
+    def _log_split(self, scores: np.ndarray, thresholds: list[float]) -> None:
+        if self._trainer is None or _rank() != 0:
+            return
+        metrics = {f"split/threshold_{k}": value for k, value in enumerate(thresholds)}
+        metrics.update({"split/cached": float(self.split_info["cached"]), "split/num_subimages": float(len(scores)),
+                        "split/psnr_mean": self.split_info["psnr_mean"]})
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+        title = (f"reference PSNR of {len(scores)} sub-images; thresholds "
+                 + ", ".join(f"{t:.2f}" for t in thresholds) + " dB")
+        image = _histogram_image(scores, thresholds, title)
+        root = Path(self.trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        from PIL import Image
+
+        Image.fromarray(image).save(root / "classsr_split_histogram.png")
+        for logger in self.loggers:
+            log_image(logger, "classsr/split_psnr_histogram", image, caption=title, step=self.global_step)
+
+    # ------------------------------------------------------------------ inference
     def policy(self, patches: Tensor) -> Tensor:
         """Branch index per LR patch: classifier argmax or the forced branch."""
         if self.force_branch is not None:
             return torch.full((patches.shape[0],), self.force_branch, dtype=torch.long, device=patches.device)
         return self.network.classifier(patches).argmax(dim=1)
 
+    def route(self, lr: Tensor, count_macs: bool = False) -> RoutedOutput:
+        """Routed tiled inference of one (1, C, H, W) image in the network's pixel range."""
+        return routed_forward(lr, list(self.network.branches), self.network.scale, self.policy,
+                              patch_size=self.patch_size, overlap=self.patch_size - self.stride,
+                              batch_size=self.route_batch_size, count_macs=count_macs)
+
     def infer(self, lr: Tensor) -> Tensor:
-        """Routed tiled inference over the whole image."""
-        outputs = [routed_forward(lr[i:i + 1], list(self.network.branches), self.network.scale, self.policy,
-                                  patch_size=self.patch_size, overlap=self.overlap).sr for i in range(lr.shape[0])]
+        """Routed tiled inference over the whole image (the last image's routing is kept for logging)."""
+        outputs = []
+        for index in range(lr.shape[0]):
+            self._last_route = self.route(lr[index:index + 1])
+            outputs.append(self._last_route.sr)
         return torch.cat(outputs, dim=0)
 
+    def patch_macs(self) -> tuple[list[int], int]:
+        """MACs of one ``patch_size``² LR patch through each branch, and through the classifier."""
+        if self._patch_macs_cache is None:
+            patch = torch.zeros(1, 3, self.patch_size, self.patch_size)
+            branch_macs = [_meta_macs(branch, patch) for branch in self.network.branches]
+            self._patch_macs_cache = (branch_macs, _meta_macs(self.network.classifier, patch))
+        return self._patch_macs_cache
+
+    def _image_record(self, route: RoutedOutput, sr: Tensor, hr: Tensor) -> dict[str, Any]:
+        branch_macs, classifier_macs = self.patch_macs()
+        counts = route.patches_per_network.double()
+        patches = float(counts.sum())
+        routed = float((counts * torch.tensor(branch_macs, dtype=torch.float64)).sum())
+        macs = routed + patches * classifier_macs
+        macs_wide = patches * branch_macs[-1]
+        flops = 2 * (routed / patches + classifier_macs)
+        flops_wide = 2.0 * branch_macs[-1]
+        return {
+            "psnr_rgb_crop4": float(psnr_fn(sr, hr, crop_border=4, y_channel=False)[0]),
+            "patches": int(patches), "class_counts": [int(c) for c in counts.tolist()],
+            "class_proportions": [float(c) / patches for c in counts.tolist()],
+            "macs": macs, "macs_wide": macs_wide, "macs_percent_of_wide": 100.0 * macs / macs_wide,
+            "flops_classsr": flops, "flops_classsr_wide": flops_wide,
+            "flops_percent_of_wide": 100.0 * flops / flops_wide,
+        }
+
+    def on_eval_image(self, stage: str, set_name: str, name: str, lr: Tensor, sr: Tensor, hr: Tensor) -> None:
+        """Per-image RGB PSNR (4-px crop), class proportions, MACs/FLOPs; routing map of validation images."""
+        route, self._last_route = self._last_route, None
+        if route is None:
+            return
+        record = {"stage": stage, "set": set_name, "name": name, **self._image_record(route, sr, hr)}
+        self._classsr_records.append(record)
+        limit = self.route_maps_per_set
+        logged = self._route_maps_logged.get(set_name, 0)
+        if stage != "val" or self.logger is None or self.global_rank != 0 or (limit is not None and logged >= limit):
+            return
+        self._route_maps_logged[set_name] = logged + 1
+        image = lr[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+        tinted = route_overlay(image, route.route_map, route.corners, self.patch_size, image_scale=1)
+        shares = ", ".join(f"{CLASS_NAMES[k] if self.num_classes == 3 else k}: {p:.0%}"
+                           for k, p in enumerate(record["class_proportions"]))
+        caption = (f"{name}: green/yellow/red = narrow/medium/wide ({shares}); "
+                   f"FLOPs {record['flops_percent_of_wide']:.1f}% of wide")
+        log_image(self.logger, f"val_routes/{set_name}/{name}", tinted, caption=caption, step=self.global_step)
+
+    def _reset_eval(self) -> None:
+        self._classsr_records = []
+        self._route_maps_logged = {}
+        self._cost_cache = None
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._reset_eval()
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._reset_eval()
+
+    def _aggregate_eval(self, stage: str) -> None:
+        """Gathers the per-image records of all ranks, logs per-set means, keeps them for the JSON and costs."""
+        records = [record for part in _all_gather_object(self._classsr_records) for record in part]
+        self._set_aggregates, self._per_image = {}, {}
+        pooled = torch.zeros(self.num_classes, dtype=torch.float64)
+        for set_name in sorted({record["set"] for record in records}):
+            rows = [record for record in records if record["set"] == set_name]
+            counts = torch.tensor([row["class_counts"] for row in rows], dtype=torch.float64).sum(dim=0)
+            pooled += counts
+            mean = {key: float(np.mean([row[key] for row in rows]))
+                    for key in ("psnr_rgb_crop4", "macs", "macs_wide", "flops_classsr", "flops_classsr_wide")}
+            aggregate: dict[str, Any] = {
+                **mean,
+                "class_proportions": (counts / counts.sum()).tolist(),
+                "macs_percent_of_wide": 100.0 * mean["macs"] / mean["macs_wide"],
+                "flops_percent_of_wide": 100.0 * mean["flops_classsr"] / mean["flops_classsr_wide"],
+            }
+            self._set_aggregates[set_name] = aggregate
+            self._per_image[set_name] = {row["name"]: {key: value for key, value in row.items()
+                                                       if key not in ("stage", "set", "name")} for row in rows}
+            for key, value in aggregate.items():
+                values = value if isinstance(value, list) else [value]
+                suffixes = [f"_{k}" for k in range(len(values))] if isinstance(value, list) else [""]
+                for suffix, item in zip(suffixes, values, strict=True):
+                    self.log(f"{stage}/{set_name}/{key}{suffix}", float(item), on_step=False, on_epoch=True,
+                             add_dataloader_idx=False, batch_size=1, rank_zero_only=True)
+        if pooled.sum() > 0:
+            self._measured_counts = pooled
+        self._cost_cache = None
+
+    def on_validation_epoch_end(self) -> None:
+        self._aggregate_eval("val")
+        super().on_validation_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        self._aggregate_eval("test")
+        super().on_test_epoch_end()
+
+    def extend_test_results(self, results: dict[str, Any]) -> dict[str, Any]:
+        """Adds RGB PSNR (4-px crop), class proportions, MACs/FLOPs and % of the wide branch per set and image."""
+        for set_name, row in results.items():
+            row.update(self._set_aggregates.get(set_name, {}))
+            for image_name, values in self._per_image.get(set_name, {}).items():
+                row.setdefault("images", {}).setdefault(image_name, {}).update(values)
+        return results
+
+    def cost_report(self) -> dict[str, float]:
+        """Params of all branches + classifier; MACs at 720p and ClassSR FLOPs at the measured class proportions.
+
+        ``macs_720p`` = Σ_k p_k · MACs_720p(branch k) + the classifier on the 720p patch grid, p = the class
+        proportions of the last evaluation (``force_branch``: that branch; never evaluated: uniform).
+        """
+        branch_macs, classifier_macs = self.patch_macs()
+        if self.force_branch is not None:
+            proportions = torch.zeros(self.num_classes, dtype=torch.float64)
+            proportions[self.force_branch] = 1.0
+        elif self._measured_counts is not None:
+            proportions = self._measured_counts / self._measured_counts.sum()
+        else:
+            proportions = torch.full((self.num_classes,), 1.0 / self.num_classes, dtype=torch.float64)
+        height, width = lr_size_for_720p(self.scale)
+        grid = len(tile_grid(height, width, self.patch_size, self.stride))
+        branch_720p = [_meta_macs_720p(branch, self.scale) for branch in self.network.branches]
+        macs_720p = float(sum(p * m for p, m in zip(proportions.tolist(), branch_720p, strict=True)))
+        routed = float(sum(p * m for p, m in zip(proportions.tolist(), branch_macs, strict=True)))
+        flops = 2 * (routed + classifier_macs)
+        report = {
+            "params": float(count_params(self.network)),
+            "macs_720p": macs_720p + grid * classifier_macs,
+            "macs_720p_wide": float(branch_720p[-1]),
+            "flops_classsr": flops,
+            "flops_classsr_wide": 2.0 * branch_macs[-1],
+            "flops_percent_of_wide_cost": 100.0 * flops / (2.0 * branch_macs[-1]),
+            "classifier_macs_per_patch": float(classifier_macs),
+        }
+        report.update({f"class_proportion_{k}": float(p) for k, p in enumerate(proportions.tolist())})
+        return report
+
+    # ------------------------------------------------------------------ checkpoints
     def structure_state(self) -> dict[str, Any]:
-        """The split thresholds."""
-        return {"split_thresholds": list(self.split_thresholds)}
+        """The split (labels per sub-image, thresholds, cache key)."""
+        return {"split_thresholds": list(self.split_thresholds), "split_key": self.split_key,
+                "split_labels": self.split_labels, "split_info": dict(self.split_info)}
 
     def rebuild_structure(self, state: dict[str, Any]) -> None:
-        """Restores the split thresholds."""
+        """Restores the split."""
         self.split_thresholds = list(state.get("split_thresholds", []))
+        self.split_key = state.get("split_key")
+        self.split_labels = state.get("split_labels")
+        self.split_info = dict(state.get("split_info") or {})
+
+
+def _meta_macs(module: nn.Module, example: Tensor) -> int:
+    """MACs of ``module(example)`` counted on a meta-device copy (shapes only), else on the module's device."""
+    try:
+        return count_macs(copy.deepcopy(module).to("meta"), example.to("meta"))
+    except (NotImplementedError, RuntimeError):
+        device = next(module.parameters()).device
+        return count_macs(module, example.to(device))
+
+
+def _meta_macs_720p(module: nn.Module, scale: int) -> int:
+    try:
+        return macs_at_720p(copy.deepcopy(module).to("meta"), scale, device="meta")
+    except (NotImplementedError, RuntimeError):
+        return macs_at_720p(module, scale)
+
+
+def load_reference_weights(network: ClassSRNet, path: str) -> None:
+    """Loads the wide branch from a backbone checkpoint (``network.*``), a ClassSR checkpoint or a state dict."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"reference_checkpoint '{path}' does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    wide_prefix = f"network.branches.{network.num_classes - 1}."
+    if any(key.startswith(wide_prefix) for key in state):
+        state = {key[len(wide_prefix):]: value for key, value in state.items() if key.startswith(wide_prefix)}
+    elif any(key.startswith("network.") for key in state):
+        state = {key[len("network."):]: value for key, value in state.items() if key.startswith("network.")}
+    try:
+        network.branches[-1].load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"reference_checkpoint '{path}' does not fit the wide branch: {error}") from error
