@@ -136,3 +136,50 @@ def test_profile_edsr_baseline_json(tmp_path: Path) -> None:
     report = json.loads(run.stdout[run.stdout.index("{"):])
     assert report["params"] == pytest.approx(1.52e6, rel=0.01)
     assert report["macs_720p"] > 100e9
+
+
+def _conventions_sets() -> list[Path]:
+    """Set5/Set14 of conventions.md when present ($EFFSR_BENCHMARK_SETS or a `shared/` folder beside the repo)."""
+    if "EFFSR_BENCHMARK_SETS" in os.environ:
+        candidates = [Path(os.environ["EFFSR_BENCHMARK_SETS"])]
+    else:
+        candidates = [parent / "shared" / "data" / "benchmarks" for parent in REPO.parents]
+    for root in candidates:
+        if (root / "Set5").is_dir() and (root / "Set14").is_dir():
+            return [root / "Set5", root / "Set14"]
+    return []
+
+
+def test_bicubic_x4_config_reproduces_table_and_ddp_is_identical(tmp_path: Path) -> None:
+    """`effsr test` of experiments/bicubic_x4.yaml: conventions.md's table (when Set5/Set14 are here, else a
+    generated set checked against the functional metrics in float64), and 2-process DDP gives identical numbers."""
+    from effsr.metrics import psnr, ssim
+    from effsr.ops import bicubic_degrade, imresize
+
+    sets = _conventions_sets() or [_write_hr_set(tmp_path / "OddSet", 5)]
+    test_sets = f"--data.test_sets=[{','.join(map(str, sets))}]"
+    common = ["--config", str(REPO / "experiments" / "bicubic_x4.yaml"), test_sets]
+    results = {}
+    for label, extra in (("single", []), ("ddp", ["--trainer.strategy=ddp", "--trainer.devices=2",
+                                                  "--trainer.accelerator=cpu"])):
+        run = _run("test", *common, *extra, "--trainer.default_root_dir", str(tmp_path / label), cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[label] = json.loads((tmp_path / label / "test_results.json").read_text())
+    for folder in sets:
+        single, ddp_results = results["single"][folder.name], results["ddp"][folder.name]
+        assert single["n_images"] == ddp_results["n_images"] == len(list(folder.glob("*.png")))
+        for key in ("psnr_y", "ssim_y", "psnr_rgb"):
+            assert ddp_results[key] == pytest.approx(single[key], abs=1e-9)
+    if _conventions_sets():
+        table = {"Set5": (28.43, 0.8113), "Set14": (26.09, 0.7050)}
+        for name, (expected_psnr, expected_ssim) in table.items():
+            assert results["single"][name]["psnr_y"] == pytest.approx(expected_psnr, abs=0.01)
+            assert results["single"][name]["ssim_y"] == pytest.approx(expected_ssim, abs=0.001)
+    else:
+        for path in sorted(sets[0].glob("*.png")):
+            hr, lr = bicubic_degrade(read_image(path), 4)
+            to_tensor = lambda image: torch.from_numpy(image).permute(2, 0, 1)[None].double() / 255  # noqa: E731
+            sr = imresize(to_tensor(lr), scale=4)
+            expected = results["single"][sets[0].name]["images"][path.stem]
+            assert expected["psnr_y"] == pytest.approx(psnr(sr, to_tensor(hr), 4, True).item(), abs=1e-3)
+            assert expected["ssim_y"] == pytest.approx(ssim(sr, to_tensor(hr), 4, True).item(), abs=1e-5)
