@@ -1,12 +1,29 @@
-"""Tests for ClassSR: classifier shape, losses, global-batch L_avg under 2-process gloo DDP."""
+"""Tests for ClassSR: classifier, losses (global-batch L_avg under DDP), split cache, routed inference, the
+tiny five-phase pipeline through the CLI and the split + classifier phases under 2-process gloo DDP."""
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
-from effsr.methods.classsr import Classifier, average_loss, class_loss, gather_with_grad
+from effsr.methods.classsr import (
+    Classifier,
+    ClassSRModule,
+    ClassSRNet,
+    average_loss,
+    class_loss,
+    gather_with_grad,
+    split_by_score,
+)
 
 
 def test_classifier_outputs_logits_per_patch() -> None:
@@ -60,3 +77,150 @@ def test_phases_select_trainable_parameters() -> None:
     assert module.on_phase_start("classifier", {})
     assert all(p.requires_grad for p in net.classifier.parameters())
     assert not any(p.requires_grad for p in net.branches.parameters())
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "experiments" / "tiny" / "classsr_x4.yaml"
+
+
+def _tiny_module(**kwargs: object) -> ClassSRModule:
+    torch.manual_seed(0)
+    network = ClassSRNet(backbone="effsr.archs.FSRCNN", widths=[4, 6, 8], scale=4,
+                         backbone_args={"shrink_features": 4, "num_mapping": 1})
+    return ClassSRModule(network=network, **kwargs)
+
+
+def test_split_by_score_equal_classes_descending_thresholds() -> None:
+    scores = np.array([30.0, 40.0, 20.0, 35.0, 25.0, np.inf, 22.0, 31.0])
+    labels, thresholds = split_by_score(scores, 3)
+    assert np.bincount(labels).tolist() == [3, 3, 2]
+    assert set(np.nonzero(labels == 0)[0]) == {1, 3, 5}          # highest PSNR -> simplest -> narrow branch
+    assert set(np.nonzero(labels == 2)[0]) == {2, 6}
+    assert thresholds == [pytest.approx(33.0), pytest.approx(23.5)]
+
+
+def _hr_folder(folder: Path) -> Path:
+    from skimage import data
+
+    from effsr.data.io import write_image
+
+    folder.mkdir(parents=True)
+    write_image(folder / "a.png", np.ascontiguousarray(data.astronaut()[:256, :256]))
+    write_image(folder / "b.png", np.ascontiguousarray(data.coffee()[:256, 100:356]))
+    return folder
+
+
+def test_split_is_cached_reused_and_invalidated_by_new_weights(tmp_path: Path) -> None:
+    from effsr.data import SRDataModule
+
+    datamodule = SRDataModule(scale=4, train=str(_hr_folder(tmp_path / "hr")), train_crop="grid",
+                              hr_subimage_size=128, hr_subimage_step=64, num_workers=0, val_sets=[],
+                              cache_dir=str(tmp_path / "cache"))
+    module = _tiny_module(split_cache_dir=str(tmp_path / "splits"))
+    first = module.compute_split(datamodule)
+    assert not first["cached"] and first["num_subimages"] == 18 and first["class_sizes"] == [6, 6, 6]
+    assert first["thresholds"][0] > first["thresholds"][1]
+    labels = module.split_labels.clone()
+    second = module.compute_split(datamodule)
+    assert second["cached"] and second["path"] == first["path"]
+    assert torch.equal(module.split_labels, labels)
+    with torch.no_grad():
+        module.network.branches[-1].deconv.bias.add_(0.01)
+    third = module.compute_split(datamodule)
+    assert not third["cached"] and third["path"] != first["path"]
+    assert len(list((tmp_path / "splits").glob("split-*.npz"))) == 2
+    other = _tiny_module(split_cache_dir=str(tmp_path / "splits"))
+    assert other.compute_split(datamodule)["cached"]                  # same init weights -> same key
+
+
+def test_routed_inference_equals_per_patch_loop_and_counts_macs() -> None:
+    module = _tiny_module(stride=28).eval()
+    with torch.no_grad():
+        module.network.classifier.linear.bias.copy_(torch.tensor([0.0, 0.1, -0.1]))
+    lr = torch.rand(1, 3, 45, 70)
+    routed = module.route(lr, count_macs=True)
+    assert routed.sr.shape == (1, 3, 180, 280)
+    expected, weight = torch.zeros_like(routed.sr), torch.zeros(1, 1, 180, 280)
+    with torch.no_grad():
+        for (y, x), choice in zip(routed.corners, routed.route_map.flatten().tolist(), strict=True):
+            patch = lr[..., y:y + 32, x:x + 32]
+            assert choice == int(module.network.classifier(patch).argmax())
+            expected[..., 4 * y:4 * y + 128, 4 * x:4 * x + 128] += module.network.branches[choice](patch)
+            weight[..., 4 * y:4 * y + 128, 4 * x:4 * x + 128] += 1
+    assert torch.allclose(routed.sr, expected / weight, atol=1e-5)
+    record = module._image_record(routed, routed.sr.clamp(0, 1), routed.sr.clamp(0, 1))
+    assert record["macs"] == pytest.approx(routed.macs, rel=1e-9)
+    forced = _tiny_module(force_branch=2).eval()
+    forced.load_state_dict(module.state_dict())
+    wide = forced.route(lr, count_macs=True)
+    assert wide.patches_per_network.tolist() == [0, 0, len(wide.corners)]
+    assert wide.macs == pytest.approx(forced._image_record(wide, wide.sr, wide.sr)["macs"], rel=1e-9)
+
+
+def test_tiny_pipeline_all_phases_then_test_routed_costs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import effsr.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert cli.main(["fit", "--config", str(TINY)]) == 0
+    checkpoint_path = next(tmp_path.rglob("last.ckpt"))
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    schedule = next(value for key, value in checkpoint["callbacks"].items() if "PhaseSchedule" in key)
+    assert [name for name, _ in schedule["history"]] == ["reference", "split", "branches", "classifier", "joint"]
+    structure = checkpoint["effsr"]["structure"]
+    assert len(structure["split_thresholds"]) == 2 and structure["split_labels"] is not None
+    assert Path(structure["split_info"]["path"]).is_file()
+    assert (tmp_path / "runs" / "tiny_classsr_x4" / "classsr_split_histogram.png").is_file()
+    media = [str(path) for path in tmp_path.rglob("media/images/**/*.png")]
+    assert any("split_psnr_histogram" in name for name in media) and any("val_routes" in name for name in media)
+    assert cli.main(["test", "--config", str(TINY), "--ckpt_path", str(checkpoint_path), "--trainer.logger=false"]) == 0
+    results = json.loads(next(tmp_path.rglob("test_results.json")).read_text())["sample"]
+    assert results["n_images"] == 3 and results["psnr_y"] > 15 and results["psnr_rgb_crop4"] > 10
+    assert len(results["class_proportions"]) == 3 and sum(results["class_proportions"]) == pytest.approx(1.0)
+    assert results["macs"] < results["macs_wide"] and results["flops_percent_of_wide"] < 100
+    image = next(iter(results["images"].values()))
+    assert {"psnr_y", "psnr_rgb_crop4", "class_proportions", "macs", "flops_classsr"} <= set(image)
+
+
+def test_ddp_two_processes_split_and_classifier_phase(tmp_path: Path) -> None:
+    from effsr.cli import load_module_from_config
+
+    config = yaml.safe_load(TINY.read_text())
+    config["trainer"].update({"max_steps": 4, "logger": False, "default_root_dir": str(tmp_path / "run"),
+                              "check_val_every_n_epoch": 100})
+    config["trainer"]["callbacks"][0]["init_args"]["phases"] = [
+        {"name": "split", "steps": 0}, {"name": "classifier", "steps": 4, "settings": {"lr": 1.0e-2}}]
+    config["data"].update({"batch_size": 4, "samples_per_epoch": 32})
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "effsr.cli", "fit", "--config", str(path), "--trainer.strategy=ddp",
+               "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "WANDB_MODE": "offline"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    trained = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert trained["global_step"] == 4 and trained["effsr"]["phase_name"] == "classifier"
+    labels = trained["effsr"]["structure"]["split_labels"]
+    assert labels is not None and np.ptp(np.bincount(labels.numpy())) <= 1
+    initial = load_module_from_config(["--config", str(path)], None).state_dict()
+    state = {key.removeprefix("network."): value for key, value in trained["state_dict"].items()}
+    assert not torch.equal(state["classifier.linear.weight"], initial["network.classifier.linear.weight"])
+    for key, value in state.items():
+        if key.startswith("branches."):
+            assert torch.equal(value, initial[f"network.{key}"]), key
+
+
+def test_resume_restores_split_and_trainable_set_of_the_phase() -> None:
+    module = _tiny_module()
+    labels = torch.tensor([0, 1, 2, 2, 1, 0], dtype=torch.uint8)
+    state = {"phase_name": "classifier", "phase_settings": {"lr": 1e-3}, "schedule_values": {},
+             "structure": {"split_thresholds": [30.0, 25.0], "split_key": "k", "split_labels": labels,
+                           "split_info": {}}}
+    module.on_load_checkpoint({"effsr": state})
+    assert torch.equal(module.split_labels, labels) and module.split_thresholds == [30.0, 25.0]
+    assert all(p.requires_grad for p in module.network.classifier.parameters())
+    assert not any(p.requires_grad for p in module.network.branches.parameters())
+    state.update(phase_name="branches_1", phase_settings={"branch": 1})
+    module.on_load_checkpoint({"effsr": state})
+    assert [any(p.requires_grad for p in b.parameters()) for b in module.network.branches] == [False, True, False]
+    assert module.labels_for(torch.tensor([2, 4])).tolist() == [2, 1]

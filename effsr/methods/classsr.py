@@ -295,19 +295,21 @@ class ClassSRModule(SRModule):
             )
         return kind
 
-    def trained_branches(self) -> list[int]:
-        """Branches trained in the current phase."""
-        kind = self.phase_kind()
+    def trained_branches(self, name: str | None = None, settings: dict[str, Any] | None = None) -> list[int]:
+        """Branches trained in a phase (default: the current one)."""
+        name = self.phase_name if name is None else name
+        settings = self.phase_settings if settings is None else settings
+        kind = self.phase_kind(name, settings)
         if kind in ("reference", "split", None):
             return [self.num_classes - 1]
         if kind == "classifier":
             return []
-        selected = self.phase_settings.get("branch") if kind == "branches" else None
+        selected = settings.get("branch") if kind == "branches" else None
         if selected is None:
             return list(range(self.num_classes))
         selected = [selected] if isinstance(selected, int) else list(selected)
         if any(not 0 <= int(k) < self.num_classes for k in selected):
-            raise ConfigError(f"phase '{self.phase_name}': branch must be in 0..{self.num_classes - 1}, got {selected}")
+            raise ConfigError(f"phase '{name}': branch must be in 0..{self.num_classes - 1}, got {selected}")
         return sorted(int(k) for k in selected)
 
     def on_phase_start(self, name: str, settings: dict[str, Any]) -> bool:
@@ -320,14 +322,25 @@ class ClassSRModule(SRModule):
             return False
         if kind == "branches" and self.split_labels is None:
             raise ConfigError(f"phase '{name}' trains branches on their classes: put a `split` phase before it")
-        trained = set(self.trained_branches())
+        self._set_trainable(name, settings)
+        self._apply_data_subset()
+        return True
+
+    def _set_trainable(self, name: str | None = None, settings: dict[str, Any] | None = None) -> None:
+        """requires_grad of a phase: the trained branches, the classifier in classifier/joint."""
+        kind = self.phase_kind(name, settings)
+        trained = set(self.trained_branches(name, settings))
         for parameter in self.network.classifier.parameters():
             parameter.requires_grad_(kind in ("classifier", "joint"))
         for index, branch in enumerate(self.network.branches):
             for parameter in branch.parameters():
                 parameter.requires_grad_(index in trained)
-        self._apply_data_subset()
-        return True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restores the split and the phase's trainable set (the optimizer is rebuilt on it when resuming)."""
+        super().on_load_checkpoint(checkpoint)
+        if self.phase_kind() not in (None, "split"):
+            self._set_trainable()
 
     def phase_condition(self, name: str) -> bool:
         """``reference_ready``: a reference checkpoint was loaded."""
@@ -561,12 +574,14 @@ class ClassSRModule(SRModule):
         return torch.cat(outputs, dim=0)
 
     def patch_macs(self) -> tuple[list[int], int]:
-        """MACs of one ``patch_size``² LR patch through each branch, and through the classifier."""
+        """MACs of one ``patch_size``² LR patch through each branch, and through the classifier (0 when
+        ``force_branch`` skips it)."""
         if self._patch_macs_cache is None:
             patch = torch.zeros(1, 3, self.patch_size, self.patch_size)
             branch_macs = [_meta_macs(branch, patch) for branch in self.network.branches]
             self._patch_macs_cache = (branch_macs, _meta_macs(self.network.classifier, patch))
-        return self._patch_macs_cache
+        branch_macs, classifier_macs = self._patch_macs_cache
+        return branch_macs, 0 if self.force_branch is not None else classifier_macs
 
     def _image_record(self, route: RoutedOutput, sr: Tensor, hr: Tensor) -> dict[str, Any]:
         branch_macs, classifier_macs = self.patch_macs()

@@ -1,0 +1,154 @@
+"""ClassSR routed inference on a 2K image vs the wide branch alone vs the official per-patch loop (CPU).
+
+    python benchmarks/classsr_inference.py [--backbone fsrcnn|carnm|msrresnet] [--repeats R] [--photo NAME]
+
+The 2K image is a sample photograph (``effsr.data.sample``) upscaled with the MATLAB-compatible bicubic to
+2040 px wide (DIV8K's Test2K size class); its LR input is the ×4 MATLAB-bicubic downscale. Weights are
+random but fixed (seed 0); the classifier's output bias is then set so that about a third of the patches
+go to each branch on this image (printed), the proportions a trained ClassSR reaches on Test2K-like data.
+
+Variants, all on the same 32×32 LR patches with stride 28 (overlap averaging, whole image covered):
+- ``routed``: effsr's routed tiling (one gather of all patches, classifier in batches, one batched call per
+  branch, ``index_add_`` stitching);
+- ``wide``: the same tiling with every patch through the wide branch (the "-O" model; no classifier);
+- ``per_patch``: the official test loop, each patch classified and super-resolved alone (batch 1).
+Repeats are interleaved (every repeat runs each variant once, in a rotating order) and medians reported, so
+load from other processes affects all variants alike. The whole-image wide branch (no tiling) is printed
+for reference. Last line: ``speedup_vs_wide=X.XX macs_ratio=Y.YY speedup_vs_per_patch=Z.ZZ`` with
+macs_ratio = MACs(wide tiled) / MACs(routed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from effsr.cost import MacCounter
+from effsr.data.sample import sample_photograph
+from effsr.inference.tiling import routed_forward
+from effsr.methods.classsr import ClassSRModule, ClassSRNet
+from effsr.ops.imresize import bicubic_degrade, imresize_uint8
+
+BACKBONES = {
+    "fsrcnn": ("effsr.archs.FSRCNN", [16, 36, 56], {}),
+    "carnm": ("effsr.archs.CARNM", [36, 52, 64], {}),
+    "msrresnet": ("effsr.archs.MSRResNet", [36, 52, 64], {}),
+}
+
+
+def make_image(photo: str, width: int = 2040, scale: int = 4) -> tuple[Tensor, tuple[int, int]]:
+    """LR tensor (1, 3, h, w) in [0, 1] of a sample photograph upscaled to ``width`` px (MATLAB bicubic)."""
+    image = sample_photograph(photo)
+    hr = imresize_uint8(image, width / image.shape[1])
+    hr, lr = bicubic_degrade(hr, scale)
+    return torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float() / 255, hr.shape[:2]
+
+
+def balance_classifier(module: ClassSRModule, lr: Tensor, iterations: int = 60) -> Tensor:
+    """Sets the classifier's output bias so each branch gets about 1/K of the patches of ``lr``."""
+    patches = torch.cat([lr[..., y:y + 32, x:x + 32] for y in range(0, lr.shape[-2] - 31, 28)
+                         for x in range(0, lr.shape[-1] - 31, 28)])
+    classifier = module.network.classifier
+    with torch.no_grad():
+        logits = classifier(patches) - classifier.linear.bias
+        bias = torch.zeros(module.num_classes)
+        target = 1.0 / module.num_classes
+        for _ in range(iterations):
+            shares = torch.bincount((logits + bias).argmax(1), minlength=module.num_classes).float() / len(logits)
+            bias -= 0.5 * torch.log((shares + 1e-3) / target) * logits.std()
+        classifier.linear.bias.copy_(bias)
+        return torch.bincount((logits + bias).argmax(1), minlength=module.num_classes).float() / len(logits)
+
+
+@torch.no_grad()
+def per_patch_loop(module: ClassSRModule, lr: Tensor) -> Tensor:
+    """The official code's test loop: every patch classified and super-resolved alone, then averaged."""
+    size, stride, scale = module.patch_size, module.stride, module.scale
+    height, width = lr.shape[-2:]
+    rows = list(range(0, height - size + 1, stride))
+    cols = list(range(0, width - size + 1, stride))
+    rows += [height - size] if rows[-1] + size < height else []
+    cols += [width - size] if cols[-1] + size < width else []
+    output = lr.new_zeros(1, 3, height * scale, width * scale)
+    weight = lr.new_zeros(1, 1, height * scale, width * scale)
+    for y in rows:
+        for x in cols:
+            patch = lr[..., y:y + size, x:x + size]
+            branch = module.network.branches[int(module.network.classifier(patch).argmax(1))]
+            window = (..., slice(y * scale, (y + size) * scale), slice(x * scale, (x + size) * scale))
+            output[window] += branch(patch)
+            weight[window] += 1
+    return output / weight
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", choices=sorted(BACKBONES), default="fsrcnn")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--photo", default="coffee")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    backbone, widths, extra = BACKBONES[args.backbone]
+    network = ClassSRNet(backbone=backbone, widths=widths, scale=4, backbone_args=extra)
+    module = ClassSRModule(network).eval()
+    wide_module = ClassSRModule(network, force_branch=network.num_classes - 1).eval()
+    lr, hr_size = make_image(args.photo)
+    shares = balance_classifier(module, lr)
+    wide = network.branches[-1]
+
+    def routed() -> Tensor:
+        return module.route(lr).sr
+
+    def wide_tiled() -> Tensor:
+        return routed_forward(lr, [wide], 4, lambda p: torch.zeros(len(p), dtype=torch.long),
+                              patch_size=module.patch_size, overlap=module.patch_size - module.stride,
+                              batch_size=module.route_batch_size).sr
+
+    def per_patch() -> Tensor:
+        return per_patch_loop(module, lr)
+
+    def wide_whole() -> Tensor:
+        return wide(lr)
+
+    variants: dict[str, Callable[[], Tensor]] = {
+        "routed": routed, "wide": wide_tiled, "per_patch": per_patch, "wide_whole_image": wide_whole}
+    with torch.no_grad():
+        outputs = {name: function() for name, function in variants.items()}
+        macs = {}
+        for name, function in variants.items():
+            with MacCounter(network) as counter:
+                function()
+            macs[name] = counter.macs
+    difference = float((outputs["routed"] - outputs["per_patch"]).abs().max())
+    forced = float((wide_module.route(lr).sr - outputs["wide"]).abs().max())
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    with torch.no_grad():
+        for repeat in range(args.repeats):
+            for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+                start = time.perf_counter()
+                variants[name]()
+                times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) * 1000 for name, values in times.items()}
+    route = module.route(lr)
+    print(f"image: skimage '{args.photo}' upscaled (MATLAB bicubic) to HR {hr_size[1]}x{hr_size[0]}, "
+          f"LR {lr.shape[-1]}x{lr.shape[-2]} (x4); {len(route.corners)} LR patches 32x32, stride 28")
+    print(f"backbone {args.backbone} widths {widths}; random fixed weights (seed 0), classifier bias set for "
+          f"~1/3 per branch: proportions {[round(float(s), 3) for s in shares]}; threads {torch.get_num_threads()}; "
+          f"{args.repeats} interleaved repeats, medians")
+    print(f"routed == per-patch loop: max |diff| {difference:.2e}; force_branch=2 == wide tiled: {forced:.2e}")
+    for name in names:
+        print(f"{name:<18}{median[name]:>10.1f} ms{macs[name] / 1e9:>10.2f} GMACs   runs "
+              + " ".join(f"{value * 1000:.0f}" for value in times[name]))
+    print(f"speedup_vs_wide={median['wide'] / median['routed']:.2f} macs_ratio={macs['wide'] / macs['routed']:.2f} "
+          f"speedup_vs_per_patch={median['per_patch'] / median['routed']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
