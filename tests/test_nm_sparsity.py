@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from effsr.methods.nm_sparsity import (
     export_masked,
     group_view,
     nm_layers,
+    rank_correlation,
     to_semi_structured_2to4,
 )
 
@@ -177,6 +180,46 @@ def test_routing_choice_penalty_and_target_cost() -> None:
     assert sr.shape == (1, 3, 80, 80)
 
 
+def test_relative_estimates_round_trip_and_reference_is_most_expensive() -> None:
+    ensemble = NMEnsemble([tiny_edsr(), tiny_edsr(), tiny_edsr()], [0.3, 1.0, 0.6], patch_size=8, overlap=2)
+    assert ensemble.reference == 1
+    mse = torch.tensor([[0.02, 0.01, 0.015], [0.004, 0.001, 0.002]])
+    targets = ensemble.targets(mse)
+    assert torch.allclose(targets[:, 1], mse[:, 1].log())
+    assert torch.allclose(targets[:, 0], (mse[:, 0] / mse[:, 1]).log())
+    assert torch.allclose(ensemble.to_mse(targets), mse)
+    ensemble.initialise_estimators(targets)
+    assert torch.allclose(ensemble.estimators[1].shift, targets[:, 1].mean())
+
+
+def test_estimators_learn_to_rank_patches_by_mse_and_gap() -> None:
+    """Synthetic members whose MSE grows with patch contrast (the sparse one more): the estimators rank
+    held-out patches by MSE and by the gap to the reference."""
+    torch.manual_seed(0)
+    ensemble = NMEnsemble([tiny_edsr(), tiny_edsr()], [1.0, 0.25], estimator_features=8, patch_size=16)
+
+    def make(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        contrast = torch.rand(count, 1, 1, 1) * 0.5
+        patches = 0.5 + contrast * (torch.rand(count, 3, 16, 16) - 0.5)
+        energy = contrast.flatten() ** 2
+        return patches, torch.stack([1e-4 + 0.01 * energy, 1e-4 + 0.03 * energy], dim=1)
+
+    patches, mse = make(256)
+    ensemble.initialise_estimators(ensemble.targets(mse))
+    optimizer = torch.optim.Adam(ensemble.estimators.parameters(), lr=3e-3)
+    for step in range(150):
+        chosen = torch.arange(step * 32, step * 32 + 32) % 256
+        loss = ensemble.estimator_loss(patches[chosen], mse[chosen])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    held_out, actual = make(128)
+    with torch.no_grad():
+        estimated = ensemble.estimate(held_out)
+    assert rank_correlation(estimated[:, 0], actual[:, 0]) > 0.9
+    assert rank_correlation(estimated[:, 1] - estimated[:, 0], actual[:, 1] - actual[:, 0]) > 0.9
+
+
 def test_adaptive_module_trains_estimators_and_reports_measured_macs(tmp_path: Path) -> None:
     dense = NMSparsityModule(tiny_edsr(), m=8, mode="oneshot", budget=1.0)
     sparse = NMSparsityModule(tiny_edsr(), m=8, mode="oneshot", budget=0.25)
@@ -227,6 +270,24 @@ def test_tiny_search_finetune_then_adaptive_end_to_end(config: str, tmp_path: Pa
     results = json.loads((root / "test_results.json").read_text())["sample"]
     assert results["psnr_y"] > 15 and results["nm_cost_fraction"] <= 0.25
     assert results["macs_720p"] < results["dense_macs_720p"] * 0.5
+
+    run = sorted((root / "wandb").glob("offline-run-*"))[0]
+    summary = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(run)],
+                             capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0, summary.stderr
+    logged = json.loads(summary.stdout)["summary"]
+    assert "nm/pattern_table" in logged  # the per-layer N bar chart
+    assert {"nm/cost_fraction", "nm/budget", "nm/c", "cost/macs_720p"} <= set(logged)
+    assert {key.removeprefix("nm_n/") for key in logged if key.startswith("nm_n/")} == set(fixed)
+
+    profile_json = tmp_path / "profile.json"
+    assert main(["profile", *common[:2], "--ckpt_path", str(checkpoint_path), "--runs", "1", "--lr_size", "12",
+                 "16", "--json", "--output", str(profile_json)]) == 0
+    profile = json.loads(profile_json.read_text())
+    assert profile["macs_720p"] == pytest.approx(results["macs_720p"], rel=1e-6)
+    assert profile["macs_720p"] < 0.5 * profile["method_dense_macs_720p"]
+    assert {name: int(profile[f"method_nm_n.{name}"]) for name in fixed} == fixed
+    assert profile["method_nm_m"] == 8
 
     adaptive_root = tmp_path / "adaptive"
     adaptive = ["--config", str(REPO / "experiments" / "tiny" / "nm_adaptive_x4.yaml"),

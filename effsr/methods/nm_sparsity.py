@@ -511,32 +511,66 @@ class NMSparsityModule(SRModule):
 
 
 # ---------------------------------------------------------------------------------------------- adaptive
+def patch_mse(sr: Tensor, hr: Tensor, pixel_range: float = 1.0, y_channel: bool = True) -> Tensor:
+    """(P,) MSE per patch in [0, 1] units: of the BT.601 luma Y/255 (what PSNR-Y measures) or of RGB."""
+    difference = (sr - hr) / pixel_range
+    if y_channel:
+        weights = torch.tensor([65.481, 128.553, 24.966], device=sr.device, dtype=sr.dtype) / 255.0
+        difference = (difference * weights.view(1, 3, 1, 1)).sum(dim=1)
+    return difference.pow(2).flatten(1).mean(dim=1)
+
+
+def rank_correlation(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (how well estimates order patches)."""
+    ranks = [x.flatten().argsort().argsort().double() for x in (a, b)]
+    ranks = [rank - rank.mean() for rank in ranks]
+    return float((ranks[0] * ranks[1]).sum() / (ranks[0].norm() * ranks[1].norm()).clamp_min(1e-12))
+
+
 class MSEEstimator(nn.Module):
-    """Light CNN predicting log(MSE) of one network's output on an LR patch (input in [0, pixel_range])."""
+    """Light CNN mapping an LR patch (input in [0, pixel_range]) to one log-MSE number.
+
+    The patch is made zero-mean per channel (MSE does not depend on brightness, it does on contrast) and scaled
+    to unit range; strided conv + LeakyReLU layers; pooling keeps the mean and the log mean energy of every
+    feature map (SR error grows with high-frequency energy); a two-layer head; ``shift`` (a buffer set from the
+    first training targets) centres the output so training starts near the right magnitude.
+    """
 
     def __init__(self, pixel_range: float = 1.0, num_features: int = 16, num_layers: int = 3) -> None:
         super().__init__()
         self.pixel_range = pixel_range
         layers: list[nn.Module] = []
         channels = 3
-        for _ in range(num_layers):
-            layers += [nn.Conv2d(channels, num_features, 3, stride=2, padding=1), nn.LeakyReLU(0.1)]
+        for index in range(num_layers):
+            kernel = 4 if index == 0 else 3
+            layers += [nn.Conv2d(channels, num_features, kernel, stride=2, padding=1), nn.LeakyReLU(0.1)]
             channels = num_features
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(num_features, 1)
+        self.head = nn.Sequential(nn.Linear(2 * num_features, num_features), nn.LeakyReLU(0.1),
+                                  nn.Linear(num_features, 1))
+        self.register_buffer("shift", torch.zeros(()))
 
     def forward(self, lr: Tensor) -> Tensor:
-        """(P, 3, h, w) → (P,) predicted log MSE (in [0, 1] pixel units)."""
-        features = self.features(lr / self.pixel_range).mean(dim=(2, 3))
-        return self.head(features).squeeze(-1)
+        """(P, 3, h, w) → (P,) prediction (log MSE, or log MSE ratio; see :class:`NMEnsemble`)."""
+        x = (lr - lr.mean(dim=(2, 3), keepdim=True)) * (4.0 / self.pixel_range)
+        features = self.features(x)
+        pooled = torch.cat([features.mean(dim=(2, 3)), features.pow(2).mean(dim=(2, 3)).add(1e-4).log()], dim=1)
+        return self.head(pooled).squeeze(-1) + self.shift
 
 
 class NMEnsemble(nn.Module):
-    """Networks of one backbone at several budgets + one MSE estimator each; forward = routed inference."""
+    """Networks of one backbone at several budgets + one MSE estimator each; forward = routed inference.
+
+    Estimated MSE (per LR patch, of the member's output vs HR, in [0, 1] units of Y when ``y_channel``):
+    with ``relative`` (default) the estimator of the reference member (the most expensive) predicts
+    log MSE_ref and every other estimator k predicts log(MSE_k / MSE_ref), so est_MSE_k = exp(e_ref + e_k):
+    the routing decision depends on the differences between members, which are much smaller than the spread of
+    MSE between patches, and are learnt directly. Without ``relative`` each estimator predicts its own log MSE.
+    """
 
     def __init__(self, members: Sequence[nn.Module], costs: Sequence[float], estimator_features: int = 16,
                  penalty: float = 0.0, target_cost: float | None = None, patch_size: int = 32,
-                 overlap: int = 4) -> None:
+                 overlap: int = 4, relative: bool = True, y_channel: bool = True) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.scale = int(members[0].scale)
@@ -545,11 +579,56 @@ class NMEnsemble(nn.Module):
         self.register_buffer("costs", torch.tensor(list(costs), dtype=torch.float32))
         self.penalty, self.target_cost = penalty, target_cost
         self.patch_size, self.overlap = patch_size, overlap
+        self.relative, self.y_channel = relative, y_channel
         self.last_route: Any = None
+
+    @property
+    def reference(self) -> int:
+        """Index of the most expensive member (the reference of relative estimates)."""
+        return int(self.costs.argmax())
+
+    @torch.no_grad()
+    def member_mse(self, lr: Tensor, hr: Tensor) -> Tensor:
+        """(P, K) actual MSE of every (frozen) member on every patch (inputs in [0, pixel_range])."""
+        return torch.stack([patch_mse(member(lr), hr, self.pixel_range, self.y_channel)
+                            for member in self.members], dim=1)
+
+    def targets(self, mse: Tensor) -> Tensor:
+        """(P, K) what the estimators learn: log MSE, or log MSE_ref and log(MSE_k / MSE_ref) when relative."""
+        log_mse = mse.clamp_min(1e-10).log()
+        if not self.relative:
+            return log_mse
+        reference = log_mse[:, self.reference:self.reference + 1]
+        relative = log_mse - reference
+        relative[:, self.reference] = reference[:, 0]
+        return relative
+
+    def outputs(self, patches: Tensor) -> Tensor:
+        """(P, K) raw estimator outputs (same parameterisation as :meth:`targets`)."""
+        return torch.stack([estimator(patches) for estimator in self.estimators], dim=1)
+
+    def to_mse(self, outputs: Tensor) -> Tensor:
+        """Estimator outputs → (P, K) estimated MSE."""
+        if not self.relative:
+            return outputs.exp()
+        reference = outputs[:, self.reference:self.reference + 1]
+        log_mse = outputs + reference
+        log_mse[:, self.reference] = reference[:, 0]
+        return log_mse.exp()
+
+    @torch.no_grad()
+    def initialise_estimators(self, targets: Tensor) -> None:
+        """Centres every estimator's output on the mean of its targets (call once, before training)."""
+        for estimator, mean in zip(self.estimators, targets.mean(dim=0), strict=True):
+            estimator.shift.fill_(float(mean))
+
+    def estimator_loss(self, patches: Tensor, mse: Tensor) -> Tensor:
+        """Mean squared error between the estimators' outputs and :meth:`targets` of the actual MSE."""
+        return F.mse_loss(self.outputs(patches), self.targets(mse))
 
     def estimate(self, patches: Tensor) -> Tensor:
         """(P, K) estimated MSE of every network on every patch."""
-        return torch.stack([estimator(patches).exp() for estimator in self.estimators], dim=1)
+        return self.to_mse(self.outputs(patches))
 
     def choose(self, estimated: Tensor) -> Tensor:
         """argmin_k est_k + λ·cost_k; with ``target_cost`` λ is bisected so the mean cost ≤ target."""
@@ -617,22 +696,25 @@ class AdaptiveNMModule(SRModule):
         m: M the members were trained with.
         penalty: λ of argmin_k est_MSE_k + λ·cost_k (cost = fraction of the dense MACs).
         target_cost: instead of λ, a target mean cost fraction per image (λ found by bisection).
-        patch_size / overlap: LR routing patches.
+        patch_size / overlap: LR routing patches (train the estimators on LR patches of ``patch_size``).
+        relative / y_channel: estimator parameterisation and MSE channel (see :class:`NMEnsemble`).
     """
 
     def __init__(self, network: nn.Module, checkpoints: Sequence[str | None] = (None,),
                  optimizer: OptimizerCallable = _default_optimizer, lr_scheduler: LRSchedulerCallable | None = None,
                  m: int = 8, penalty: float = 0.0, target_cost: float | None = None, patch_size: int = 32,
-                 overlap: int = 4, estimator_features: int = 16, **kwargs: Any) -> None:
+                 overlap: int = 4, estimator_features: int = 16, relative: bool = True, y_channel: bool = True,
+                 **kwargs: Any) -> None:
         loaded = [load_nm_member(network, path, m) for path in checkpoints]
         ensemble = NMEnsemble([member for member, _ in loaded], [cost for _, cost in loaded], estimator_features,
-                              penalty, target_cost, patch_size, overlap)
+                              penalty, target_cost, patch_size, overlap, relative, y_channel)
         super().__init__(ensemble, optimizer, lr_scheduler, **kwargs)
         for parameter in ensemble.members.parameters():
             parameter.requires_grad_(False)
         self._measured_macs = 0
         self._measured_pixels = 0
         self._routes = torch.zeros(len(loaded), dtype=torch.long)
+        self.register_buffer("estimators_initialised", torch.zeros((), dtype=torch.bool))
 
     @property
     def ensemble(self) -> NMEnsemble:
@@ -642,15 +724,15 @@ class AdaptiveNMModule(SRModule):
         return list(self.ensemble.estimators.parameters())
 
     def training_loss(self, lr: Tensor, hr: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """L1 between predicted and actual log per-patch MSE (in [0,1] units) of every frozen member."""
+        """Squared error between the estimators' outputs and the log (relative) per-patch MSE of the frozen
+        members; the first batch centres the estimators' outputs."""
         self.ensemble.members.eval()
-        with torch.no_grad():
-            target = torch.stack([
-                ((member(lr) - hr) / self.pixel_range).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10).log()
-                for member in self.ensemble.members], dim=1)
-        predicted = torch.stack([estimator(lr) for estimator in self.ensemble.estimators], dim=1)
-        loss = F.l1_loss(predicted, target)
-        return loss, {"log_mse_l1": loss.detach()}
+        mse = self.ensemble.member_mse(lr, hr)
+        if not bool(self.estimators_initialised):
+            self.ensemble.initialise_estimators(self.ensemble.targets(mse))
+            self.estimators_initialised.fill_(True)
+        loss = self.ensemble.estimator_loss(lr, mse)
+        return loss, {"estimator_mse": loss.detach()}
 
     def infer(self, lr: Tensor) -> Tensor:
         with MacCounter(self.ensemble) as counter:
