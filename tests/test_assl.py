@@ -15,12 +15,14 @@ from torch import nn
 from effsr.archs import EDSR, LEDSR
 from effsr.methods.assl import (
     ASSLModule,
+    FusedConv2d,
     GrowingL2,
     WNConv2d,
     analyze_channels,
     compute_plan,
     conv_shapes,
     convert_to_weight_norm,
+    deploy_network,
     mask_network,
     num_kept,
     prune_network,
@@ -127,6 +129,26 @@ def test_pruned_equals_masked(architecture: str) -> None:
     else:
         assert compact.upsampler[0].weight.shape == (64, 6, 3, 3)
     assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in network.parameters()) / 2
+
+
+@pytest.mark.parametrize("architecture", ["ledsr", "edsr"])
+def test_deploy_network_folds_and_fuses_without_changing_the_output(architecture: str) -> None:
+    torch.manual_seed(0)
+    network = (LEDSR(4, num_features=16, num_blocks=3, res_scale=0.5, pixel_range=255.0) if architecture == "ledsr"
+               else EDSR(2, num_features=16, num_blocks=2, res_scale=0.1, pixel_range=255.0)).eval()
+    structure = analyze_channels(network)
+    compact = prune_network(network, structure, compute_plan(network, structure, keep=5)).eval()
+    deployed = deploy_network(compact)
+    lr = torch.rand(2, 3, 11, 9) * 255.0
+    with torch.inference_mode():
+        assert (deployed(lr) - compact(lr)).abs().max().item() <= 1e-3
+    with torch.no_grad():
+        assert (deployed(lr) - compact(lr)).abs().max().item() <= 1e-3
+    convs = [module for module in deployed.modules() if isinstance(module, nn.Conv2d | FusedConv2d)]
+    assert all(isinstance(module, FusedConv2d) for module in convs)
+    assert sum(module.relu for module in convs) == len(network.blocks)
+    code = deployed.code
+    assert "relu" not in code and "mul" not in code and " + " not in code.split("head")[-1]
 
 
 def test_growing_l2_schedule_values() -> None:
@@ -287,6 +309,11 @@ def test_tiny_config_runs_every_phase_then_test_and_profile(tmp_path: Path, no_w
     schedule = next(state for key, state in checkpoint["callbacks"].items() if "PhaseSchedule" in key)
     assert [name for name, _ in schedule["history"]] == ["dense", "ssa", "regularize", "stabilize", "prune",
                                                          "finetune"]
+    wandb_files = [path.read_bytes() for path in root.rglob("*.wandb")]
+    for key in (b"assl/gamma_constrained", b"assl/gamma_free", b"reg_alpha", b"assl/kept_widths_mean"):
+        assert any(key in content for content in wandb_files), key
+    for chart in ("planned_widths", "kept_widths"):
+        assert list(root.rglob(f"media/table/assl/{chart}_table_*.table.json")), chart
     assert main(["test", *common, "--ckpt_path", str(checkpoint_path),
                  "--model.init_args.results_dir", str(root)]) == 0
     results = json.loads((root / "test_results.json").read_text())
