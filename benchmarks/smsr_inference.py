@@ -31,22 +31,14 @@ DENSITIES = {
 }
 
 
-def load_hr(path: Path, scale: int) -> Tensor:
+def load_lr(path: Path, scale: int) -> Tensor:
+    """LR in [0, 255] made from the mod-cropped HR with the MATLAB-compatible bicubic (uint8, as a PNG)."""
     from PIL import Image
 
-    array = np.asarray(Image.open(path).convert("RGB"))
-    height, width = array.shape[0] - array.shape[0] % scale, array.shape[1] - array.shape[1] % scale
-    return torch.from_numpy(array[:height, :width].copy()).permute(2, 0, 1)[None].float() / 255
+    from effsr.ops.imresize import bicubic_degrade
 
-
-def degrade(hr: Tensor, scale: int) -> Tensor:
-    try:
-        from effsr.ops.imresize import bicubic_degrade
-
-        return bicubic_degrade(hr, scale)
-    except ImportError:
-        lr = F.interpolate(hr, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False)
-        return lr.clamp(0, 1).mul(255).round().div(255)
+    _, lr = bicubic_degrade(np.asarray(Image.open(path).convert("RGB")), scale)
+    return torch.from_numpy(lr).permute(2, 0, 1)[None].float()
 
 
 def edge_masks(lr: Tensor, densities: list[float]) -> list[Tensor]:
@@ -103,7 +95,64 @@ def official_body(block: torch.nn.Module, x: Tensor, spatial: Tensor) -> Tensor:
     return block.collect(torch.cat(outputs, 1))
 
 
-def official_forward(network: SMSR, x: Tensor) -> Tensor:
+def tile_body(block: torch.nn.Module, x: Tensor, spatial: Tensor, tile: int) -> Tensor:
+    """Block/tile-level variant: sparse channels computed by conv2d on every tile×tile tile holding a masked
+    pixel (with a 1-pixel halo), then re-masked per pixel (so it stays exact). Maps are zero-padded NHWC
+    buffers with channels ordered [dense | sparse] per layer."""
+    plan = block.plan()
+    batch, channels, height, width = x.shape
+    rows, cols = -(-height // tile), -(-width // tile)
+    pad_h, pad_w = rows * tile + 2, cols * tile + 2
+    mask = F.pad(spatial, (0, cols * tile - width, 0, rows * tile - height))
+    tb, _, ty, tx = torch.nonzero(F.max_pool2d(mask, tile) > 0.5, as_tuple=True)
+    n_tiles = tb.numel()
+    span = torch.arange(tile + 2)
+    origin = (tb * pad_h + ty * tile) * pad_w + tx * tile
+    halo = (origin[:, None, None] + span[None, :, None] * pad_w + span[None, None, :]).reshape(-1)
+    inner = (origin[:, None, None] + (span[None, 1:-1, None]) * pad_w + span[None, None, 1:-1]).reshape(-1)
+    tile_mask = mask.reshape(batch, rows, tile, cols, tile)[tb, ty, :, tx, :].unsqueeze(1)
+    buffer = x.new_zeros(batch, pad_h, pad_w, channels)
+    buffer[:, 1 : height + 1, 1 : width + 1] = x.permute(0, 2, 3, 1)
+    interiors: list[Tensor] = []
+    order: list[Tensor] = []
+    previous = torch.arange(channels)
+    n_dense_prev = channels
+    for index, conv in enumerate(block.body):
+        layer = plan["layers"][index]
+        dense_out, sparse_out = layer["dense_out"], layer["sparse_out"]
+        n_dense, n_sparse = dense_out.numel(), sparse_out.numel()
+        weight = conv.weight[:, previous]
+        tile_weight = weight[sparse_out]
+        if index:
+            to_dense = weight[dense_out].clone()
+            to_dense[:, :n_dense_prev] = 0
+            tile_weight = torch.cat([tile_weight, to_dense])
+        output = x.new_zeros(batch, pad_h, pad_w, channels)
+        if n_dense and n_dense_prev:
+            dense_in = buffer[..., :n_dense_prev].permute(0, 3, 1, 2)
+            conv_out = F.conv2d(dense_in, weight[dense_out][:, :n_dense_prev])
+            output[:, 1 : height + 1, 1 : width + 1, :n_dense] = conv_out[..., :height, :width].permute(0, 2, 3, 1)
+        if n_tiles and tile_weight.shape[0]:
+            tiles = buffer.view(-1, channels).index_select(0, halo).view(n_tiles, tile + 2, tile + 2, channels)
+            result = (F.conv2d(tiles.permute(0, 3, 1, 2), tile_weight) * tile_mask).permute(0, 2, 3, 1)
+            flat = output.view(-1, channels)
+            if n_sparse:
+                flat[:, n_dense:].index_copy_(0, inner, result[..., :n_sparse].reshape(-1, n_sparse))
+            if index and n_dense:
+                flat[:, :n_dense].index_add_(0, inner, result[..., n_sparse:].reshape(-1, n_dense))
+        buffer = output.relu_()
+        interiors.append(buffer[:, 1 : height + 1, 1 : width + 1])
+        previous = torch.cat([dense_out, sparse_out])
+        order.append(previous + index * channels)
+        n_dense_prev = n_dense
+    collect = block.collect.weight[:, torch.cat(order), 0, 0]
+    stacked = torch.cat(interiors, 3).reshape(-1, collect.shape[1])
+    out = torch.addmm(block.collect.bias, stacked, collect.t()).view(batch, height, width, channels)
+    return out.permute(0, 3, 1, 2)
+
+
+def forward_with_body(network: SMSR, x: Tensor, body) -> Tensor:
+    """The SMSR skeleton with ``body(block, feature, spatial)`` as the SMB execution."""
     x = network.sub_mean(x)
     head = network.head(x)
     feature, outs = head, []
@@ -111,22 +160,27 @@ def official_forward(network: SMSR, x: Tensor) -> Tensor:
         spatial = (
             network.forced_spatial[index] if network.forced_spatial is not None else module.hard_spatial_mask(feature)
         )
-        feature = module.ca(official_body(module.body, feature, spatial)) + feature
+        feature = module.ca(body(module.body, feature, spatial)) + feature
         outs.append(feature)
     feature = network.collect(torch.cat(outs, 1)) + head
     out = network.tail(feature) + F.interpolate(x, scale_factor=network.scale, mode="bicubic", align_corners=False)
     return network.add_mean(out)
 
 
-def timed(function, x: Tensor, repeats: int) -> float:
+def build_network(ckpt_path: str | None) -> SMSR:
+    torch.manual_seed(0)
+    network = SMSR(scale=2, pixel_range=255.0).eval()
+    if ckpt_path:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+        network.load_state_dict({k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")})
+        return network
     with torch.no_grad():
-        function(x)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            function(x)
-            best = min(best, time.perf_counter() - start)
-    return best * 1000
+        for module, counts in zip(network.body, SPARSE_COUNTS, strict=True):
+            logits = torch.zeros_like(module.body.ch_mask)
+            for layer, n_sparse in enumerate(counts):
+                logits[0, torch.randperm(64)[:n_sparse], layer, 1] = 1.0
+            module.body.ch_mask.copy_(logits)
+    return network
 
 
 def main() -> None:
@@ -135,46 +189,66 @@ def main() -> None:
     parser.add_argument("--ckpt_path", default=None)
     parser.add_argument("--hr-dir", default=default_dir if os.path.isdir(default_dir) else None)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds over all variants and images")
+    parser.add_argument("--tiles", type=int, nargs="*", default=[8, 16], help="tile sizes of the tile variant")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from effsr.cost import count_macs
 
-    torch.manual_seed(0)
-    network = SMSR(scale=2, pixel_range=255.0).eval()
-    if args.ckpt_path:
-        state = torch.load(args.ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
-        network.load_state_dict({k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")})
-    else:
-        with torch.no_grad():
-            for module, counts in zip(network.body, SPARSE_COUNTS, strict=True):
-                logits = torch.zeros_like(module.body.ch_mask)
-                for layer, n_sparse in enumerate(counts):
-                    logits[0, torch.randperm(64)[:n_sparse], layer, 1] = 1.0
-                module.body.ch_mask.copy_(logits)
-    totals = np.zeros(6)
+    network = build_network(args.ckpt_path)
+    variants = {
+        "sparse": network.forward_sparse,
+        **{
+            f"tile{size}": (lambda t, size=size: forward_with_body(
+                network, t, lambda block, f, m: tile_body(block, f, m, size)))
+            for size in args.tiles
+        },
+        "dense": network.forward_dense,
+        "dense_cl": lambda t: network.forward_dense(t.contiguous(memory_format=torch.channels_last)),
+        "official": lambda t: forward_with_body(network, t, official_body),
+    }
+    names = list(variants)
+    images = []
     for path in sorted(Path(args.hr_dir).glob("*.png")):
-        lr = degrade(load_hr(path, 2), 2) * 255
-        network.forced_spatial = None if args.ckpt_path else edge_masks(lr, DENSITIES.get(path.stem, [0.35] * 5))
-        with torch.no_grad():
-            error = (network.forward_sparse(lr) - network.forward_hard(lr)).abs().max().item() / 255
-        macs = [count_macs(f, lr) for f in (network.forward_sparse, network.forward_dense)]
-        macs.append(macs[0])
-        times = [
-            timed(f, lr, args.repeats)
-            for f in (network.forward_sparse, network.forward_dense, lambda t: official_forward(network, t))
-        ]
-        totals += np.array(macs + times, dtype=float)
-        print(
-            f"{path.stem:10s} lr={tuple(lr.shape[-2:])} sparse {macs[0] / 1e9:.2f}G {times[0]:.1f}ms | "
-            f"dense {macs[1] / 1e9:.2f}G {times[1]:.1f}ms | official-style {macs[2] / 1e9:.2f}G {times[2]:.1f}ms "
-            f"| max|sparse-hard|={error:.1e}"
-        )
-    print(
-        f"total      sparse {totals[0] / 1e9:.2f}G {totals[3]:.1f}ms | dense {totals[1] / 1e9:.2f}G {totals[4]:.1f}ms"
-        f" | official-style {totals[2] / 1e9:.2f}G {totals[5]:.1f}ms (threads={args.threads}, best of {args.repeats})"
-    )
-    print(f"speedup_vs_dense={totals[4] / totals[3]:.2f} macs_ratio={totals[1] / totals[0]:.2f}")
+        lr = load_lr(path, 2)
+        masks = None if args.ckpt_path else edge_masks(lr, DENSITIES.get(path.stem, [0.35] * 5))
+        network.forced_spatial = masks
+        with torch.inference_mode():
+            reference = network.forward_hard(lr)
+            errors = {name: (variants[name](lr) - reference).abs().max().item() / 255
+                      for name in names if name.startswith(("sparse", "tile"))}
+            for function in variants.values():
+                function(lr)
+        macs = {name: count_macs(variants[name], lr) for name in names if name != "official"}
+        macs["official"] = macs["sparse"]
+        images.append((path.stem, lr, masks, macs, errors))
+    times = {name: np.zeros((args.repeats, len(images))) for name in names}
+    with torch.inference_mode():
+        for repeat in range(args.repeats):
+            for index, (_, lr, masks, _, _) in enumerate(images):
+                network.forced_spatial = masks
+                shift = (repeat + index) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    start = time.perf_counter()
+                    variants[name](lr)
+                    times[name][repeat, index] = (time.perf_counter() - start) * 1000
+    for index, (stem, lr, _, macs, errors) in enumerate(images):
+        cells = " | ".join(f"{name} {macs[name] / 1e9:.2f}G {np.median(times[name][:, index]):.1f}ms" for name in names)
+        error_text = " ".join(f"{name}={value:.1e}" for name, value in errors.items())
+        print(f"{stem:10s} lr={tuple(lr.shape[-2:])} {cells} | max|x-hard|: {error_text}")
+    totals = {name: sum(image[3][name] for image in images) for name in names}
+    medians = {name: float(np.median(times[name].sum(1))) for name in names}
+    print("total      " + " | ".join(f"{name} {totals[name] / 1e9:.2f}G {medians[name]:.1f}ms" for name in names)
+          + f" (threads={args.threads}, medians of {args.repeats} interleaved rounds)")
+    dense = "dense" if medians["dense"] <= medians["dense_cl"] else "dense_cl"
+    per_round = {name: times[dense].sum(1) / times[name].sum(1) for name in names}
+    for name in names:
+        if name.startswith("tile") or name == "official":
+            print(f"{name}_speedup_vs_dense={np.median(per_round[name]):.2f} "
+                  f"macs_ratio={totals['dense'] / totals[name]:.2f}")
+    print(f"dense baseline = {dense}; per-round sparse speedups: "
+          + " ".join(f"{value:.2f}" for value in per_round["sparse"]))
+    print(f"speedup_vs_dense={np.median(per_round['sparse']):.2f} macs_ratio={totals['dense'] / totals['sparse']:.2f}")
 
 
 if __name__ == "__main__":

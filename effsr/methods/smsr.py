@@ -148,21 +148,44 @@ class SMB(nn.Module):
             self._plan_key = self._weights_key()
         return self._plan
 
+    def forward_plain(self, x: Tensor) -> Tensor:
+        """The block as an ordinary dense network (every channel everywhere): the dense baseline."""
+        outputs = []
+        feature = x
+        for conv in self.body:
+            feature = F.relu(conv(feature))
+            outputs.append(feature)
+        return self.collect(torch.cat(outputs, 1))
+
     def forward_sparse(self, x: Tensor, spatial: Tensor) -> Tensor:
-        """Sparse execution with hard masks: dense channels via conv2d, sparse ones only at masked positions."""
+        """Sparse execution with hard masks: dense channels via conv2d, sparse ones only at masked positions.
+
+        Feature maps are channels_last, so a map's NHWC view is a free (B·H·W, C) matrix; each layer gathers
+        the 3x3 windows of the masked positions pixel-major from it (out-of-image taps read a clamped pixel
+        and are zeroed), sparse channels live as an (N + 1, C_s) matrix whose last row is the zero that
+        out-of-mask neighbours read, and one GEMM per input kind computes everything at masked positions.
+        """
         plan = self.plan()
         batch, channels, height, width = x.shape
-        padded_w = width + 2
-        flat_mask = spatial.reshape(-1) > 0.5
-        positions = torch.nonzero(flat_mask).squeeze(1)
+        pixels = batch * height * width
+        x = x.contiguous(memory_format=torch.channels_last)
+        positions = torch.nonzero(spatial.reshape(-1) > 0.5).squeeze(1)
         n_pos = positions.numel()
-        image = positions // (height * width)
-        rest = positions % (height * width)
+        image, rest = positions // (height * width), positions % (height * width)
         row, col = rest // width, rest % width
-        top_left = image * (height + 2) * padded_w + row * padded_w + col
-        offsets = torch.tensor([dy * padded_w + dx for dy in range(3) for dx in range(3)], device=x.device)
-        window = (top_left[:, None] + offsets[None, :]).reshape(-1)
-        center = top_left + padded_w + 1
+        steps = torch.tensor([-1, 0, 1], device=x.device)
+        rows = (row[:, None] + steps[None, :])[:, :, None].expand(-1, 3, 3)
+        cols = (col[:, None] + steps[None, :])[:, None, :].expand(-1, 3, 3)
+        valid = ((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)).reshape(n_pos, 9)
+        neighbours = (
+            image[:, None] * (height * width)
+            + (rows.clamp(0, height - 1) * width + cols.clamp(0, width - 1)).reshape(n_pos, 9)
+        )
+        outside = torch.nonzero(~valid.reshape(-1)).squeeze(1)
+        compact = torch.full((pixels,), n_pos, dtype=torch.long, device=x.device)
+        compact[positions] = torch.arange(n_pos, device=x.device)
+        sparse_neighbours = compact[neighbours].masked_fill_(~valid, n_pos).reshape(-1)
+        neighbours = neighbours.reshape(-1)
         macs = 0
         dense_maps: list[Tensor] = []
         sparse_values: list[Tensor] = []
@@ -170,52 +193,63 @@ class SMB(nn.Module):
         sparse_in: Tensor | None = None
         for index, layer in enumerate(plan["layers"]):
             n_dense, n_sparse = layer["dense_out"].numel(), layer["sparse_out"].numel()
-            dense_nhwc_padded = F.pad(dense_in.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)).reshape(
-                batch * (height + 2) * padded_w, dense_in.shape[1]
-            )
-            gathered_dense = dense_nhwc_padded.index_select(0, window).view(n_pos, 9 * dense_in.shape[1])
-            if index == 0:
-                sparse_out = gathered_dense @ layer["w_full_s"]
-                dense_out = F.conv2d(dense_in, layer["w_dd"], padding=1) if n_dense else None
-                macs += n_pos * gathered_dense.shape[1] * n_sparse + height * width * batch * 9 * channels * n_dense
-            else:
-                n_sparse_in = sparse_in.shape[1]
-                sparse_out = gathered_dense @ layer["w_ds"]
-                macs += n_pos * gathered_dense.shape[1] * n_sparse
-                if n_dense:
-                    dense_out = (
-                        F.conv2d(dense_in, layer["w_dd"], padding=1)
-                        if dense_in.shape[1]
-                        else x.new_zeros(batch, n_dense, height, width)
-                    )
-                    macs += batch * height * width * 9 * dense_in.shape[1] * n_dense
+            n_dense_in = dense_in.shape[1]
+            n_sparse_in = 0 if sparse_in is None else sparse_in.shape[1]
+            values = x.new_empty(n_pos + 1, n_sparse)
+            values[n_pos].zero_()
+            at_positions = values[:n_pos]
+            from_sparse = None
+            if n_sparse_in:
+                gathered = sparse_in.index_select(0, sparse_neighbours).view(n_pos, 9 * n_sparse_in)
+                from_sparse = gathered @ layer["w_s_all"]
+                macs += n_pos * 9 * n_sparse_in * (n_sparse + n_dense)
+            if n_dense_in and n_sparse:
+                gathered = dense_in.permute(0, 2, 3, 1).reshape(pixels, n_dense_in).index_select(0, neighbours)
+                gathered.index_fill_(0, outside, 0.0)
+                weight = layer["w_full_s"] if index == 0 else layer["w_ds"]
+                if from_sparse is None:
+                    torch.mm(gathered.view(n_pos, 9 * n_dense_in), weight, out=at_positions)
                 else:
-                    dense_out = None
-                if n_sparse_in:
-                    buffer = x.new_zeros(batch * (height + 2) * padded_w, n_sparse_in)
-                    buffer.index_copy_(0, center, sparse_in)
-                    from_sparse = buffer.index_select(0, window).view(n_pos, 9 * n_sparse_in) @ layer["w_s_all"]
-                    macs += n_pos * 9 * n_sparse_in * (n_sparse + n_dense)
-                    sparse_out = sparse_out + from_sparse[:, :n_sparse]
-                    if dense_out is not None:
-                        dense_out = dense_out.contiguous(memory_format=torch.channels_last)
-                        dense_flat = dense_out.permute(0, 2, 3, 1).view(-1, n_dense)
-                        dense_flat.index_add_(0, positions, from_sparse[:, n_sparse:])
-            sparse_in = F.relu(sparse_out)
-            dense_in = F.relu(dense_out) if dense_out is not None else x.new_zeros(batch, 0, height, width)
+                    torch.addmm(from_sparse[:, :n_sparse], gathered.view(n_pos, 9 * n_dense_in), weight,
+                                out=at_positions)
+                macs += n_pos * 9 * n_dense_in * n_sparse
+            elif from_sparse is not None:
+                at_positions.copy_(from_sparse[:, :n_sparse])
+            else:
+                at_positions.zero_()
+            if n_dense:
+                if n_dense_in:
+                    dense_out = F.conv2d(dense_in, layer["w_dd"], padding=1).contiguous(
+                        memory_format=torch.channels_last
+                    )
+                    macs += pixels * 9 * n_dense_in * n_dense
+                else:
+                    dense_out = x.new_zeros(batch, n_dense, height, width).contiguous(
+                        memory_format=torch.channels_last
+                    )
+                if from_sparse is not None:
+                    dense_out.permute(0, 2, 3, 1).reshape(pixels, n_dense).index_add_(
+                        0, positions, from_sparse[:, n_sparse:]
+                    )
+                dense_in = dense_out.relu_()
+            else:
+                dense_in = x.new_zeros(batch, 0, height, width)
+            sparse_in = values.relu_() if n_sparse else None
             dense_maps.append(dense_in)
-            sparse_values.append(sparse_in)
+            if n_sparse:
+                sparse_values.append(at_positions)
         dense_cat = torch.cat(dense_maps, 1)
-        output = (
-            F.conv2d(dense_cat, plan["collect_dense"], plan["collect_bias"])
-            if dense_cat.shape[1]
-            else plan["collect_bias"].view(1, -1, 1, 1).expand(batch, -1, height, width).clone()
-        )
-        macs += batch * height * width * dense_cat.shape[1] * channels
-        sparse_cat = torch.cat(sparse_values, 1)
-        if sparse_cat.shape[1]:
-            output = output.contiguous(memory_format=torch.channels_last)
-            output.permute(0, 2, 3, 1).view(-1, channels).index_add_(0, positions, sparse_cat @ plan["collect_sparse"])
+        if dense_cat.shape[1]:
+            output = F.conv2d(dense_cat, plan["collect_dense"], plan["collect_bias"])
+        else:
+            output = plan["collect_bias"].view(1, -1, 1, 1).expand(batch, -1, height, width)
+        output = output.contiguous(memory_format=torch.channels_last)
+        macs += pixels * dense_cat.shape[1] * channels
+        if sparse_values:
+            sparse_cat = torch.cat(sparse_values, 1)
+            output.permute(0, 2, 3, 1).reshape(pixels, channels).index_add_(
+                0, positions, sparse_cat @ plan["collect_sparse"]
+            )
             macs += n_pos * sparse_cat.shape[1] * channels
         self.last_macs = int(macs)
         return output
@@ -305,6 +339,10 @@ class SMSR(nn.Module):
         self.last_densities, self.last_spatial = [], []
         macs = 0
         for module_index, module in enumerate(self.body):
+            if mode == "dense":
+                feature = module.ca(module.body.forward_plain(feature)) + feature
+                module_outputs.append(feature)
+                continue
             logits = module.spatial_logits(feature)
             if self.forced_spatial is not None and mode != "soft":
                 forced = self.forced_spatial[module_index].to(logits)
@@ -316,8 +354,6 @@ class SMSR(nn.Module):
                 spatial = (logits[:, 1:] > logits[:, :1]).to(feature.dtype)
                 sparse = module.body.hard_channel_mask().to(feature.dtype)[None, :, :, None]
                 channel = torch.cat([1 - sparse, sparse], 3)
-                if mode == "dense":
-                    channel = torch.cat([torch.ones_like(sparse), torch.zeros_like(sparse)], 3)
             if mode == "sparse":
                 body = module.body.forward_sparse(feature, spatial)
                 macs += module.body.last_macs
@@ -353,7 +389,7 @@ class SMSR(nn.Module):
         return self._run(x, "hard")
 
     def forward_dense(self, x: Tensor) -> Tensor:
-        """The same network with every mask = 1 (dense channels everywhere)."""
+        """The same network run densely (every channel at every position, one plain conv per layer)."""
         return self._run(x, "dense")
 
     def forward_sparse(self, x: Tensor) -> Tensor:
