@@ -92,10 +92,13 @@ def test_macs_counted_by_flop_counter_below_dense() -> None:
     _set_channel_counts(network, OFFICIAL_SPARSE_COUNTS)
     x = torch.rand(1, 3, 24, 24)
     sparse_macs = cost.count_macs(network.forward_sparse, x)
+    densities = [float(mask.mean()) for mask in network.last_spatial]
     dense_macs = cost.count_macs(network.forward_dense, x)
     assert sparse_macs < dense_macs
     internal = sum(module.body.last_macs for module in network.body)
     assert internal < sparse_macs
+    per_pixel = analytic_macs_720p(network, densities)[0] / (360 * 640)
+    assert abs(sparse_macs / (24 * 24) - per_pixel) / per_pixel < 0.01
     analytic_sparse, analytic_dense = analytic_macs_720p(network, 0.3)
     assert analytic_sparse < analytic_dense
     assert abs(analytic_dense - 224.1e9) / 224.1e9 < 0.03
@@ -239,6 +242,8 @@ def test_tiny_fit_then_test_sparse_macs_below_dense(tmp_path: Path, monkeypatch:
     cli.main(["fit", "--config", str(config), "--trainer.max_steps", "40"])
     checkpoints = sorted(tmp_path.rglob("*.ckpt"))
     assert checkpoints
+    masks = [path for path in tmp_path.rglob("*.png") if "val_masks" in str(path)]
+    assert masks, "the spatial-mask strip of a validation image must reach W&B"
     cli.main(["test", "--config", str(config), "--ckpt_path", str(checkpoints[-1])])
     results = json.loads(next(tmp_path.rglob("test_results.json")).read_text())
     text = json.dumps(results)

@@ -405,8 +405,9 @@ class SMSR(nn.Module):
         return super().train(mode)
 
 
-def analytic_macs_720p(network: SMSR, spatial_density: float) -> tuple[int, int]:
-    """(sparse, dense) MACs for a 1280x720 output at a uniform spatial density and the hard channel masks."""
+def analytic_macs_720p(network: SMSR, spatial_density: float | list[float]) -> tuple[int, int]:
+    """(sparse, dense) MACs for a 1280x720 output at the given spatial density (one for all SMMs or one per
+    SMM) and the hard channel masks; the sparse count is what the sparse path executes per pixel."""
     lr_height, lr_width = {2: (360, 640), 3: (240, 426), 4: (180, 320)}[network.scale]
     pixels = lr_height * lr_width
     width = network.head[0].out_channels
@@ -419,17 +420,20 @@ def analytic_macs_720p(network: SMSR, spatial_density: float) -> tuple[int, int]
         shared + n_modules * (shared_per_module + n_layers * 9 * width * width + n_layers * width * width)
     )
     sparse = pixels * (shared + n_modules * shared_per_module)
-    for module in network.body:
+    densities = (
+        [float(spatial_density)] * n_modules if isinstance(spatial_density, (int, float)) else list(spatial_density)
+    )
+    for module, density in zip(network.body, densities, strict=True):
         counts = module.body.hard_channel_mask().sum(0).tolist()
         previous_sparse = 0
         for n_sparse in counts:
             n_dense = width - n_sparse
             previous_dense = width - previous_sparse
-            layer_macs = 9 * previous_dense * n_dense + spatial_density * 9 * (
+            layer_macs = 9 * previous_dense * n_dense + density * 9 * (
                 previous_dense * n_sparse + previous_sparse * width
             )
             sparse += pixels * layer_macs
-            sparse += pixels * width * (n_dense + spatial_density * n_sparse)
+            sparse += pixels * width * (n_dense + density * n_sparse)
             previous_sparse = n_sparse
     return int(sparse), int(dense)
 
@@ -460,7 +464,7 @@ class SMSRModule(SRModule):
         self.constant_tau = constant_tau
         if constant_tau is not None:
             network.tau = constant_tau
-        self._eval_densities: list[float] = []
+        self._eval_densities: list[list[float]] = []
 
     def sparsity_lambda(self) -> float:
         if self.sparsity_warmup_steps <= 0:
@@ -493,14 +497,17 @@ class SMSRModule(SRModule):
     def infer(self, lr: Tensor) -> Tensor:
         sr = self.network(lr)
         if not self.network.training and self.network.last_spatial:
-            self._eval_densities.append(float(torch.stack([s.mean() for s in self.network.last_spatial]).mean()))
+            self._eval_densities.append([float(s.mean()) for s in self.network.last_spatial])
             self._cost_cache = None
         return sr
 
     def cost_report(self) -> dict[str, float]:
-        """MACs at 720p: sparse at the measured mean spatial density of the last evaluated images, and dense."""
-        density = sum(self._eval_densities[-100:]) / len(self._eval_densities[-100:]) if self._eval_densities else 1.0
-        sparse, dense = analytic_macs_720p(self.network, density)
+        """MACs at 720p of the sparse path at each SMM's mean measured spatial density over the last evaluated
+        images (the paper's convention; per pixel this is exactly what the sparse path executed), and dense."""
+        recent = self._eval_densities[-100:]
+        per_module = [sum(column) / len(column) for column in zip(*recent, strict=True)] if recent else 1.0
+        sparse, dense = analytic_macs_720p(self.network, per_module)
+        density = sum(per_module) / len(per_module) if recent else 1.0
         params = sum(p.numel() for p in self.network.parameters()) - 2 * 12
         return {
             "params": float(params),
