@@ -137,7 +137,8 @@ def imresize_uint8(image: np.ndarray, scale: float, compute_dtype: torch.dtype =
         raise ConfigError(f"imresize_uint8 expects a uint8 array, got {image.dtype}")
     height, width = image.shape[:2]
     (out_h, out_w), scales = _output_size((height, width), scale, None)
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).to(compute_dtype)
+    image = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
+    tensor = torch.from_numpy(image).to(compute_dtype)
     resized = _resize_height_first(tensor, (out_h, out_w), scales, antialias=True)
     return np.ascontiguousarray(resized.round_().clamp_(0, 255).to(torch.uint8).numpy())
 
