@@ -740,8 +740,11 @@ class ASSLModule(SRModule):
         self._log_widths("assl/kept_widths")
         return True
 
-    def deployed_network(self) -> torch.fx.GraphModule:
-        """The current network for CPU inference: :func:`deploy_network` (folded, oneDNN-fused, channels-last)."""
+    def inference_network(self) -> torch.fx.GraphModule:
+        """The current network for fast CPU inference: :func:`deploy_network` (folded, oneDNN-fused).
+
+        Not :meth:`deployed_network`, which cost counting and ``effsr profile`` use (plain convs, counted params).
+        """
         return deploy_network(self.network)
 
     def kept_widths(self) -> dict[str, int]:
