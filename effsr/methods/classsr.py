@@ -367,8 +367,11 @@ class ClassSRModule(SRModule):
         if self.phase_kind() != "branches" or self.split_labels is None:
             datamodule.set_train_subset(None)
             return
-        labels = self.split_labels.numpy()
-        indices = np.nonzero(np.isin(labels, self.trained_branches()))[0]
+        trained = self.trained_branches()
+        if len(trained) == self.num_classes:
+            datamodule.set_train_subset(None)
+            return
+        indices = np.nonzero(np.isin(self.split_labels.numpy(), trained))[0]
         datamodule.set_train_subset(indices)
 
     def configure_optimizers(self) -> Any:
