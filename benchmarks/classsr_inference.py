@@ -175,8 +175,9 @@ def main() -> None:
                 output = variants[name]()
                 times[name].append(time.perf_counter() - start)
                 outputs.setdefault(name, output)
-            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{name} {times[name][-1] * 1000:.0f} ms"
-                                                                   for name in names), flush=True)
+            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+                f"{name} {times[name][-1] * 1000:.0f} ms" for name in order if len(times[name]) == repeat + 1),
+                flush=True)
         difference = float((outputs["routed"] - outputs["per_patch"]).abs().max())
         forced = float((wide_module.route(lr[..., :96, :96]).sr - routed_forward(
             lr[..., :96, :96], [wide], 4, lambda p: torch.zeros(len(p), dtype=torch.long)).sr).abs().max())
