@@ -57,8 +57,22 @@ class CALayer(nn.Module):
 
 
 def _gemm_weight(weight: Tensor) -> Tensor:
-    """(Cout, Cin, 3, 3) → (9·Cin, Cout) matching pixel-major gathered rows ordered (ky, kx, cin)."""
-    return weight.permute(2, 3, 1, 0).reshape(9 * weight.shape[1], weight.shape[0]).contiguous()
+    """(Cout, Cin, 3, 3) → (Cout, 9·Cin, 1, 1): a 1x1 kernel over pixel-major gathered rows ordered (ky, kx, cin)."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * weight.shape[1], 1, 1).contiguous()
+
+
+def _project(rows: Tensor, kernel: Tensor) -> Tensor:
+    """``rows`` (P, K) times a (N, K, 1, 1) kernel → (P, N).
+
+    On CPU the product runs as oneDNN's 1x1 convolution over the rows viewed as a channels_last (1, K, P, 1) map
+    (a free view); it is 20-30 % faster than the BLAS GEMM at these shapes (K ≤ 576, N ≤ 64). Elsewhere (CUDA)
+    it is a plain GEMM.
+    """
+    n_rows, depth = rows.shape
+    if rows.device.type == "cpu" and n_rows and torch.backends.mkldnn.is_available():
+        as_map = rows.view(1, n_rows, 1, depth).permute(0, 3, 1, 2)
+        return F.conv2d(as_map, kernel).permute(0, 2, 3, 1).reshape(n_rows, kernel.shape[0])
+    return rows @ kernel.view(kernel.shape[0], depth).t()
 
 
 class SMB(nn.Module):
@@ -126,13 +140,7 @@ class SMB(nn.Module):
                 else:
                     layer["w_dd"] = weight[dense_out][:, previous_dense].contiguous()
                     layer["w_ds"] = _gemm_weight(weight[sparse_out][:, previous_dense])
-                    layer["w_s_all"] = torch.cat(
-                        [
-                            _gemm_weight(weight[sparse_out][:, previous_sparse]),
-                            _gemm_weight(weight[dense_out][:, previous_sparse]),
-                        ],
-                        1,
-                    ).contiguous()
+                    layer["w_s_all"] = _gemm_weight(weight[torch.cat([sparse_out, dense_out])][:, previous_sparse])
                 layers.append(layer)
                 previous_dense, previous_sparse = dense_out, sparse_out
             collect = self.collect.weight[:, :, 0, 0]
@@ -142,7 +150,7 @@ class SMB(nn.Module):
             self._plan = {
                 "layers": layers,
                 "collect_dense": collect[:, dense_columns].unsqueeze(-1).unsqueeze(-1).contiguous(),
-                "collect_sparse": collect[:, sparse_columns].t().contiguous(),
+                "collect_sparse": collect[:, sparse_columns, None, None].contiguous(),
                 "collect_bias": self.collect.bias.detach().clone(),
             }
             self._plan_key = self._weights_key()
@@ -188,30 +196,33 @@ class SMB(nn.Module):
         neighbours = neighbours.reshape(-1)
         macs = 0
         dense_maps: list[Tensor] = []
-        sparse_values: list[Tensor] = []
+        sparse_widths = [layer["sparse_out"].numel() for layer in plan["layers"]]
+        sparse_maps = x.new_empty(n_pos + 1, sum(sparse_widths))
+        sparse_maps[n_pos].zero_()
+        sparse_offset = 0
         dense_in = x
         sparse_in: Tensor | None = None
         for index, layer in enumerate(plan["layers"]):
             n_dense, n_sparse = layer["dense_out"].numel(), layer["sparse_out"].numel()
             n_dense_in = dense_in.shape[1]
             n_sparse_in = 0 if sparse_in is None else sparse_in.shape[1]
-            values = x.new_empty(n_pos + 1, n_sparse)
-            values[n_pos].zero_()
+            values = sparse_maps[:, sparse_offset : sparse_offset + n_sparse]
+            sparse_offset += n_sparse
             at_positions = values[:n_pos]
             from_sparse = None
             if n_sparse_in:
                 gathered = sparse_in.index_select(0, sparse_neighbours).view(n_pos, 9 * n_sparse_in)
-                from_sparse = gathered @ layer["w_s_all"]
+                from_sparse = _project(gathered, layer["w_s_all"])
                 macs += n_pos * 9 * n_sparse_in * (n_sparse + n_dense)
             if n_dense_in and n_sparse:
                 gathered = dense_in.permute(0, 2, 3, 1).reshape(pixels, n_dense_in).index_select(0, neighbours)
                 gathered.index_fill_(0, outside, 0.0)
                 weight = layer["w_full_s"] if index == 0 else layer["w_ds"]
+                from_dense = _project(gathered.view(n_pos, 9 * n_dense_in), weight)
                 if from_sparse is None:
-                    torch.mm(gathered.view(n_pos, 9 * n_dense_in), weight, out=at_positions)
+                    at_positions.copy_(from_dense)
                 else:
-                    torch.addmm(from_sparse[:, :n_sparse], gathered.view(n_pos, 9 * n_dense_in), weight,
-                                out=at_positions)
+                    torch.add(from_sparse[:, :n_sparse], from_dense, out=at_positions)
                 macs += n_pos * 9 * n_dense_in * n_sparse
             elif from_sparse is not None:
                 at_positions.copy_(from_sparse[:, :n_sparse])
@@ -235,22 +246,20 @@ class SMB(nn.Module):
             else:
                 dense_in = x.new_zeros(batch, 0, height, width)
             sparse_in = values.relu_() if n_sparse else None
-            dense_maps.append(dense_in)
-            if n_sparse:
-                sparse_values.append(at_positions)
-        dense_cat = torch.cat(dense_maps, 1)
-        if dense_cat.shape[1]:
+            if n_dense:
+                dense_maps.append(dense_in)
+        if dense_maps:
+            dense_cat = torch.cat(dense_maps, 1)
             output = F.conv2d(dense_cat, plan["collect_dense"], plan["collect_bias"])
+            macs += pixels * dense_cat.shape[1] * channels
         else:
             output = plan["collect_bias"].view(1, -1, 1, 1).expand(batch, -1, height, width)
         output = output.contiguous(memory_format=torch.channels_last)
-        macs += pixels * dense_cat.shape[1] * channels
-        if sparse_values:
-            sparse_cat = torch.cat(sparse_values, 1)
+        if sparse_offset:
             output.permute(0, 2, 3, 1).reshape(pixels, channels).index_add_(
-                0, positions, sparse_cat @ plan["collect_sparse"]
+                0, positions, _project(sparse_maps[:n_pos], plan["collect_sparse"])
             )
-            macs += n_pos * sparse_cat.shape[1] * channels
+            macs += n_pos * sparse_offset * channels
         self.last_macs = int(macs)
         return output
 
@@ -333,7 +342,7 @@ class SMSR(nn.Module):
     def _run(self, x: Tensor, mode: str) -> Tensor:
         """Shared skeleton; ``mode`` in {"soft", "hard", "dense", "sparse"}."""
         x = self.sub_mean(x)
-        head = self.head(x)
+        head = self.head(x.contiguous(memory_format=torch.channels_last) if mode == "sparse" else x)
         feature = head
         module_outputs = []
         self.last_densities, self.last_spatial = [], []
