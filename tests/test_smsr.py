@@ -42,6 +42,24 @@ def test_sparse_equals_hard_masks_random(scale: int, size: tuple[int, int], batc
     assert (reference - sparse).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("spatial_fill", [0.0, 1.0])
+@pytest.mark.parametrize("channel_kind", ["all_sparse", "all_dense"])
+def test_sparse_equals_hard_masks_extremes(spatial_fill: float, channel_kind: str) -> None:
+    """Empty and full spatial masks, every channel sparse or every channel dense: no empty-tensor corner breaks."""
+    torch.manual_seed(3)
+    network = SMSR(scale=2, num_features=16, num_modules=2).eval()
+    with torch.no_grad():
+        for module in network.body:
+            sparse = 1.0 if channel_kind == "all_sparse" else 0.0
+            module.body.ch_mask[..., 1] = sparse
+            module.body.ch_mask[..., 0] = 1.0 - sparse
+        x = torch.rand(2, 3, 11, 13)
+        network.forced_spatial = [torch.full((2, 1, 11, 13), spatial_fill) for _ in network.body]
+        difference = (network.forward_hard(x) - network.forward_sparse(x)).abs().max().item()
+    assert difference <= 1e-4
+    assert [float(mask.mean()) for mask in network.last_spatial] == [spatial_fill] * 2
+
+
 def test_sparse_equals_hard_masks_official_counts() -> None:
     torch.manual_seed(0)
     network = SMSR(scale=2, pixel_range=1.0).eval()

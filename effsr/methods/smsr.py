@@ -199,6 +199,7 @@ class SMB(nn.Module):
         sparse_widths = [layer["sparse_out"].numel() for layer in plan["layers"]]
         sparse_maps = x.new_empty(n_pos + 1, sum(sparse_widths))
         sparse_maps[n_pos].zero_()
+        workspace = x.new_empty(n_pos * 9 * channels)
         sparse_offset = 0
         dense_in = x
         sparse_in: Tensor | None = None
@@ -211,11 +212,16 @@ class SMB(nn.Module):
             at_positions = values[:n_pos]
             from_sparse = None
             if n_sparse_in:
-                gathered = sparse_in.index_select(0, sparse_neighbours).view(n_pos, 9 * n_sparse_in)
+                gathered = torch.index_select(
+                    sparse_in, 0, sparse_neighbours, out=workspace[: n_pos * 9 * n_sparse_in].view(-1, n_sparse_in)
+                ).view(n_pos, 9 * n_sparse_in)
                 from_sparse = _project(gathered, layer["w_s_all"])
                 macs += n_pos * 9 * n_sparse_in * (n_sparse + n_dense)
             if n_dense_in and n_sparse:
-                gathered = dense_in.permute(0, 2, 3, 1).reshape(pixels, n_dense_in).index_select(0, neighbours)
+                gathered = torch.index_select(
+                    dense_in.permute(0, 2, 3, 1).reshape(pixels, n_dense_in), 0, neighbours,
+                    out=workspace[: n_pos * 9 * n_dense_in].view(-1, n_dense_in),
+                )
                 gathered.index_fill_(0, outside, 0.0)
                 weight = layer["w_full_s"] if index == 0 else layer["w_ds"]
                 from_dense = _project(gathered.view(n_pos, 9 * n_dense_in), weight)
