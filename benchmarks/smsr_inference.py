@@ -2,8 +2,10 @@
 
     python benchmarks/smsr_inference.py [--ckpt_path C] [--hr-dir DIR] [--threads N] [--repeats R] [--clock cpu]
 
-Without a checkpoint the network has random weights with the released ×2 checkpoint's per-layer sparse
-channel counts and, per image, spatial masks thresholded from an edge map to the released per-SMM densities.
+``--ckpt_path`` takes an official SMSR state_dict (legacy format too, loaded with ``weights_only``) or an effsr
+checkpoint; its scale sets the LR (Set5 ×S) and its own spatial masks are used. Without a checkpoint the network
+has random weights with the released ×2 checkpoint's per-layer sparse channel counts and, per image, spatial
+masks thresholded from an edge map to the released per-SMM densities.
 Last line: ``speedup_vs_dense=X.XX macs_ratio=Y.YY`` (dense MACs / sparse MACs).
 """
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from effsr.methods.smsr import SMSR
+from effsr.methods.smsr import SMSR, load_smsr_weights
 
 SPARSE_COUNTS = [[40, 55, 61, 64], [48, 60, 63, 64], [48, 57, 63, 64], [61, 64, 64, 64], [50, 59, 64, 64]]
 DENSITIES = {
@@ -167,13 +169,12 @@ def forward_with_body(network: SMSR, x: Tensor, body) -> Tensor:
     return network.add_mean(out)
 
 
-def build_network(ckpt_path: str | None) -> SMSR:
+def build_network(ckpt_path: str | None, pixel_range: float | None) -> SMSR:
+    """The loaded checkpoint (official state_dict or effsr checkpoint), else the random released-sparsity stand-in."""
+    if ckpt_path:
+        return load_smsr_weights(ckpt_path, pixel_range)
     torch.manual_seed(0)
     network = SMSR(scale=2, pixel_range=255.0).eval()
-    if ckpt_path:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-        network.load_state_dict({k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")})
-        return network
     with torch.no_grad():
         for module, counts in zip(network.body, SPARSE_COUNTS, strict=True):
             logits = torch.zeros_like(module.body.ch_mask)
@@ -186,7 +187,10 @@ def build_network(ckpt_path: str | None) -> SMSR:
 def main() -> None:
     default_dir = "/work/shared/data/benchmarks/Set5"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt_path", default=None)
+    parser.add_argument("--ckpt_path", default=None,
+                        help="official SMSR state_dict (.pt) or effsr checkpoint; its own masks are used")
+    parser.add_argument("--pixel-range", type=float, default=None,
+                        help="network pixel range (default: the checkpoint's, else 255 as in every SMSR config)")
     parser.add_argument("--hr-dir", default=default_dir if os.path.isdir(default_dir) else None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds over all variants and images")
@@ -200,7 +204,7 @@ def main() -> None:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     from effsr.cost import count_macs
 
-    network = build_network(args.ckpt_path)
+    network = build_network(args.ckpt_path, args.pixel_range)
     variants = {
         "sparse": network.forward_sparse,
         **{
@@ -215,12 +219,12 @@ def main() -> None:
     names = list(variants)
     images = []
     for path in sorted(Path(args.hr_dir).glob("*.png")):
-        lr = load_lr(path, 2)
+        lr = load_lr(path, network.scale) * (network.pixel_range / 255.0)
         masks = None if args.ckpt_path else edge_masks(lr, DENSITIES.get(path.stem, [0.35] * 5))
         network.forced_spatial = masks
         with torch.inference_mode():
             reference = network.forward_hard(lr)
-            errors = {name: (variants[name](lr) - reference).abs().max().item() / 255
+            errors = {name: (variants[name](lr) - reference).abs().max().item() / network.pixel_range
                       for name in names if name.startswith(("sparse", "tile"))}
             for function in variants.values():
                 function(lr)

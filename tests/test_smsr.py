@@ -286,3 +286,37 @@ def test_module_tau_schedule_loss_and_cost() -> None:
     constant = smsr.SMSRModule(SMSR(scale=2, num_features=16, num_modules=1), constant_tau=1.0)
     constant.set_schedule_value("tau", 0.5)
     assert constant.network.tau == 1.0
+
+
+def test_benchmark_runs_on_official_state_dict_and_effsr_checkpoint(tmp_path: Path) -> None:
+    """`benchmarks/smsr_inference.py --ckpt_path` takes an official .pt or a converted checkpoint, uses the
+    network's own masks and scale, and ends with the speedup line."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from skimage import data as skdata
+
+    hr_dir = tmp_path / "Set"
+    hr_dir.mkdir()
+    Image.fromarray(skdata.astronaut()[100:148, 180:240]).save(hr_dir / "astronaut.png")
+    Image.fromarray(skdata.coffee()[60:108, 200:248]).save(hr_dir / "coffee.png")
+    state = _official_layout_state_dict(3, width=16, modules=2)
+    official = tmp_path / "SMSR_x3.pt"
+    torch.save(state, official, _use_new_zipfile_serialization=False)
+    converted = tmp_path / "smsr_x3.ckpt"
+    convert_official_checkpoint(str(official), str(converted), scale=3)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "smsr_inference.py"
+    for checkpoint in (official, converted):
+        result = subprocess.run(
+            [sys.executable, str(script), "--ckpt_path", str(checkpoint), "--hr-dir", str(hr_dir),
+             "--repeats", "1", "--tiles", "8", "--threads", "1"],
+            capture_output=True, text=True, timeout=300, check=True,
+        )
+        lines = result.stdout.strip().splitlines()
+        assert lines[0].startswith("astronaut  lr=(16, 20)") and lines[1].startswith("coffee     lr=(16, 16)")
+        errors = [float(item.split("=")[1]) for line in lines[:2] for item in line.split("max|x-hard|:")[1].split()]
+        assert errors and max(errors) <= 1e-4
+        speedup, macs_ratio = lines[-1].split()
+        assert speedup.startswith("speedup_vs_dense=") and float(speedup.split("=")[1]) > 0
+        assert macs_ratio.startswith("macs_ratio=") and float(macs_ratio.split("=")[1]) >= 1.0

@@ -578,6 +578,55 @@ def network_init_args(network: SMSR) -> dict[str, Any]:
     }
 
 
+def smsr_from_state_dict(state: dict[str, Tensor], pixel_range: float, source: str) -> SMSR:
+    """An :class:`SMSR` shaped like ``state`` (official key layout, no ``network.`` prefix) with its weights.
+
+    Width, module and layer counts and the scale are read from the tensor shapes; any other layout is refused
+    with a message naming ``source``.
+    """
+    if "head.0.weight" not in state or "body.0.body.ch_mask" not in state or "tail.0.weight" not in state:
+        raise CheckpointError(
+            f"{source} is not an SMSR state_dict (no `head.0.weight` / `body.0.body.ch_mask` / `tail.0.weight`)."
+        )
+    width = state["head.0.weight"].shape[0]
+    n_modules = len({key.split(".")[1] for key in state if key.startswith("body.")})
+    n_layers = state["body.0.body.ch_mask"].shape[2]
+    scale = int(round(math.sqrt(state["tail.0.weight"].shape[0] / 3)))
+    network = SMSR(scale=scale, num_features=width, num_modules=n_modules, num_layers=n_layers,
+                   pixel_range=pixel_range)
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: key layout differs from SMSR: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}."
+            )
+    network.load_state_dict({key: value.float() for key, value in state.items()})
+    return network
+
+
+def load_smsr_weights(path: str, pixel_range: float | None = None) -> SMSR:
+    """An official SMSR state_dict (pixel range 255) or an effsr SMSR checkpoint as an eval-mode :class:`SMSR`.
+
+    effsr checkpoints carry their pixel range when converted (``smsr_network``); for trained ones it defaults to
+    255, the range of every SMSR config in ``experiments/``. ``pixel_range`` overrides both.
+    """
+    loaded = load_untrusted(path)
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not an SMSR state_dict or effsr checkpoint.")
+    state = loaded.get("state_dict", loaded)
+    if any(key.startswith("network.") for key in state):
+        state = {key.removeprefix("network."): value for key, value in state.items() if key.startswith("network.")}
+    if pixel_range is None:
+        pixel_range = float(loaded.get("smsr_network", {}).get("pixel_range", 255.0))
+    return smsr_from_state_dict(state, pixel_range, path).eval()
+
+
 def convert_official_checkpoint(src: str, dst: str, scale: int) -> None:
     """Converts an official SMSR state_dict (pixel range 255) into an effsr checkpoint, atomically.
 
@@ -587,29 +636,11 @@ def convert_official_checkpoint(src: str, dst: str, scale: int) -> None:
     """
     loaded = load_untrusted(src)
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state, dict) or "head.0.weight" not in state or "body.0.body.ch_mask" not in state:
-        raise CheckpointError(
-            f"{src} is not an official SMSR state_dict (no `head.0.weight` / `body.0.body.ch_mask` keys)."
-        )
-    width = state["head.0.weight"].shape[0]
-    n_modules = len({key.split(".")[1] for key in state if key.startswith("body.")})
-    n_layers = state["body.0.body.ch_mask"].shape[2]
-    found_scale = int(round(math.sqrt(state["tail.0.weight"].shape[0] / 3)))
-    if found_scale != scale:
-        raise CheckpointError(f"{src} is a ×{found_scale} SMSR checkpoint, but --scale {scale} was given.")
-    network = SMSR(scale=scale, num_features=width, num_modules=n_modules, num_layers=n_layers, pixel_range=255.0)
-    expected = network.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{src}: key layout differs from SMSR: missing {missing[:5]}, unexpected {unexpected[:5]}."
-        )
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{src}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}."
-            )
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{src} is not an official SMSR state_dict (it holds a {type(loaded).__name__}).")
+    network = smsr_from_state_dict(state, 255.0, src)
+    if network.scale != scale:
+        raise CheckpointError(f"{src} is a ×{network.scale} SMSR checkpoint, but --scale {scale} was given.")
     checkpoint = {
         "state_dict": {f"network.{key}": value.float().contiguous() for key, value in state.items()},
         "effsr": {"phase_name": None, "phase_settings": {}, "schedule_values": {}, "structure": {}},
