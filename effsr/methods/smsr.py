@@ -170,8 +170,9 @@ class SMB(nn.Module):
 
         Feature maps are channels_last, so a map's NHWC view is a free (B·H·W, C) matrix; each layer gathers
         the 3x3 windows of the masked positions pixel-major from it (out-of-image taps read a clamped pixel
-        and are zeroed), sparse channels live as an (N + 1, C_s) matrix whose last row is the zero that
-        out-of-mask neighbours read, and one GEMM per input kind computes everything at masked positions.
+        and are zeroed) into one workspace, the sparse channels of all layers live as column slices of one
+        (N + 1, ΣC_s) matrix whose last row is the zero that out-of-mask neighbours read, and one GEMM per input
+        kind (:func:`_project`) computes everything at masked positions.
         """
         plan = self.plan()
         batch, channels, height, width = x.shape
