@@ -13,6 +13,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 from effsr.errors import CheckpointError
 
@@ -38,6 +39,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         atomic_torch_save(checkpoint, path)
+
+
+def use_atomic_checkpoints(trainer: L.Trainer) -> None:
+    """Makes the trainer's checkpoint writes atomic, whatever plugins the config passed.
+
+    Lightning's default :class:`TorchCheckpointIO` (also when a wrapper such as ``AsyncCheckpointIO`` was given
+    without a base) is replaced by :class:`AtomicCheckpointIO`; a custom CheckpointIO of the user's is kept.
+    Done on the instantiated trainer so that the config (and its dump) never holds a CheckpointIO instance.
+    """
+    strategy = trainer.strategy
+    checkpoint_io = strategy.checkpoint_io  # Lightning's getter fills in its default
+    if type(checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+    elif isinstance(checkpoint_io, _WrappingCheckpointIO) and type(checkpoint_io.checkpoint_io) is TorchCheckpointIO:
+        # the wrapper's setter ignores a new base once one is configured, hence the attribute
+        checkpoint_io._checkpoint_io = AtomicCheckpointIO()
 
 
 def load_untrusted(path: _PATH) -> Any:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import netrc
 import os
 import socket
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -16,12 +18,40 @@ import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from effsr.checkpointing import AtomicCheckpointIO, EpochEndCheckpoint
+from effsr.checkpointing import EpochEndCheckpoint, use_atomic_checkpoints
 from effsr.errors import ConfigError, EffSRError
 from effsr.phases import PhaseProgressBar
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+# ---------------------------------------------------------------------------- console output
+# Third-party messages that say nothing about an effsr run, dropped by exact message and module. Everything else
+# (effsr's [effsr] lines, Lightning's and W&B's other notices, every other warning) is printed as before.
+_NOISE_WARNINGS = (
+    # torch deprecated LeafSpec; Lightning's own pytree helper still builds one (nothing effsr can change)
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
+    # SRModule owns the uint8 -> float conversion on the device on purpose (it works with any loader, not only
+    # SRDataModule); Lightning merely reports which of the two hooks it calls
+    (UserWarning, r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a "
+                  r"`LightningDataModule`", r"lightning\.pytorch\.trainer\.connectors\.data_connector"),
+)
+_LIGHTNING_TIP = "💡 Tip: For seamless cloud"  # Lightning's ads for litlogger / litmodels
+
+
+class _DropLightningTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_LIGHTNING_TIP)
+
+
+def quiet_known_noise() -> None:
+    """Installs effsr's output filters (idempotent): the warnings of ``_NOISE_WARNINGS`` and Lightning's tips."""
+    for category, message, module in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    tips_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(item, _DropLightningTips) for item in tips_logger.filters):
+        tips_logger.addFilter(_DropLightningTips())
 
 
 # ---------------------------------------------------------------------------- W&B
@@ -63,6 +93,20 @@ def ensure_wandb_mode() -> str | None:
     return reason
 
 
+def prepare_wandb_logger(logger: WandbLogger) -> None:
+    """Readies a WandbLogger before its run starts.
+
+    Lightning always passes ``anonymous=None`` to ``wandb.init``, which wandb (0.31 here) reports as a setting that
+    "has no effect"; the key is dropped unless the user set it. The save dir is created so that wandb finds the
+    git repository of the run there (and records its commit) instead of warning that the folder does not exist.
+    """
+    init_kwargs = getattr(logger, "_wandb_init", None)
+    if isinstance(init_kwargs, dict) and "anonymous" in init_kwargs and init_kwargs["anonymous"] is None:
+        del init_kwargs["anonymous"]
+    if logger.save_dir:
+        Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
+
+
 def finish_wandb_runs() -> None:
     """Closes the W&B run a command opened, so its summary is written and the next command starts a new run."""
     import wandb
@@ -93,6 +137,7 @@ class EffSRCLI(LightningCLI):
         from effsr.data import SRDataModule
         from effsr.models import SRModule
 
+        quiet_known_noise()
         super().__init__(
             SRModule,
             SRDataModule,
@@ -102,7 +147,6 @@ class EffSRCLI(LightningCLI):
             trainer_defaults={
                 "use_distributed_sampler": False,
                 "default_root_dir": "runs",
-                "plugins": [AtomicCheckpointIO()],
                 "callbacks": [EpochEndCheckpoint(save_last=True), PhaseProgressBar()],
             },
             parser_kwargs={"description": _DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter},
@@ -111,6 +155,24 @@ class EffSRCLI(LightningCLI):
         )
         if run:
             finish_wandb_runs()
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Lightning warns when ``args`` is given while ``sys.argv`` is set. The ``effsr`` console script passes
+        None (Lightning reads sys.argv itself); explicit args come from effsr's own commands (profile, demo) or
+        from Python, which build them on purpose, so that warning is silenced for them."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within",
+                                    module=r"lightning\.pytorch\.cli")
+            super().parse_arguments(parser, args)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer, with atomic checkpoint writes (whatever the plugins) and W&B loggers readied."""
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                prepare_wandb_logger(logger)
+        return trainer
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.scale", "model.init_args.network.init_args.scale", apply_on="parse")
@@ -268,7 +330,7 @@ def main(args: list[str] | None = None) -> int:
             from effsr.demo import demo_main
 
             return demo_main(rest)
-        EffSRCLI(args=argv)
+        EffSRCLI(args=None if args is None else argv)  # None: LightningCLI reads sys.argv itself
         return 0
     except EffSRError as error:
         print(f"effsr: error: {error}", file=sys.stderr)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from effsr.checkpointing import AtomicCheckpointIO
 from effsr.cli import EffSRCLI, main
 from effsr.data.io import read_image, write_image
 from effsr.errors import TrainingError
@@ -46,6 +47,48 @@ def test_wandb_offline_without_credentials_and_rerun_in_same_folder(
     assert "effsr_config" in metrics  # the resolved config is attached to the run
     EffSRCLI(args=args)  # a second run in the same folder (existing config.yaml) must not crash
     assert len(sorted((root / "wandb").glob("offline-run-*"))) == 2
+
+
+_NOISE = (
+    "args parameter is intended",  # LightningCLI: args given while sys.argv is set
+    "Unable to serialize instance",  # jsonargparse: a CheckpointIO instance in the trainer defaults
+    "litlogger", "💡 Tip",  # Lightning's ads
+    "on_after_batch_transfer",  # Lightning: which of the model's / datamodule's hooks it calls
+    "LeafSpec",  # torch deprecation inside Lightning
+    "anonymous setting",  # wandb: Lightning's anonymous=None
+    "git root",  # wandb: the logger's save dir did not exist yet
+)
+
+
+def test_console_output_is_free_of_known_noise(tmp_path: Path, no_wandb_credentials: Path) -> None:
+    """`effsr fit` of the tiny SMSR experiment (relative W&B save dir, phase schedule) prints the useful lines
+    only; its dumped config.yaml loads again."""
+    config = REPO / "experiments" / "tiny" / "smsr_x2.yaml"
+    command = [sys.executable, "-m", "effsr.cli", "fit", "--config", str(config), "--trainer.max_steps", "2"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "[effsr] W&B runs offline" in output
+    assert "[effsr] phase 1/1 'train' starts at step 0" in output
+    assert "wandb sync" in output
+    for noise in _NOISE:
+        assert noise not in output, f"{noise!r} in the output:\n{output[-5000:]}"
+    dumped = tmp_path / "runs" / "tiny_smsr_x2" / "config.yaml"
+    reload = subprocess.run([*command[:4], "--config", str(dumped), "--print_config"], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    assert reload.returncode == 0, reload.stderr[-3000:]
+    assert "SMSRModule" in reload.stdout and "plugins: null" in reload.stdout
+
+
+@pytest.mark.parametrize("plugins", [[], ["lightning.fabric.plugins.environments.LightningEnvironment"],
+                                     ["lightning.pytorch.plugins.io.TorchCheckpointIO"],
+                                     ["lightning.pytorch.plugins.io.AsyncCheckpointIO"]])
+def test_checkpoints_are_atomic_whatever_the_plugins(plugins: list[str]) -> None:
+    plugin_args = [f"--trainer.plugins+={plugin}" for plugin in plugins]
+    cli = EffSRCLI(args=["--config", str(TINY), "--trainer.logger=false", *plugin_args], run=False)
+    checkpoint_io = cli.trainer.strategy.checkpoint_io
+    checkpoint_io = getattr(checkpoint_io, "checkpoint_io", checkpoint_io)  # AsyncCheckpointIO wraps the writer
+    assert isinstance(checkpoint_io, AtomicCheckpointIO)
 
 
 def test_config_typo_names_the_option(tmp_path: Path) -> None:
