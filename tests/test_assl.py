@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
+from torch import Tensor, nn
 
 from effsr.archs import EDSR, LEDSR
 from effsr.methods.assl import (
@@ -293,9 +295,20 @@ def test_trainer_runs_all_phases_and_resumes_in_wn_and_compact_stages(tmp_path: 
         assert conv_shapes(resumed.network) == conv_shapes(module.network)
 
 
-def test_tiny_config_runs_every_phase_then_test_and_profile(tmp_path: Path, no_wandb_credentials: Path) -> None:
+def test_tiny_config_runs_every_phase_then_test_and_profile(tmp_path: Path, no_wandb_credentials: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from effsr.cli import main
 
+    fused_stages: list[str] = []
+    fused_network = ASSLModule._fused_network
+
+    def spy(self: ASSLModule, lr: Tensor) -> nn.Module | None:
+        network = fused_network(self, lr)
+        if network is not None:
+            fused_stages.append(self.stage)
+        return network
+
+    monkeypatch.setattr(ASSLModule, "_fused_network", spy)
     config = str(REPO / "experiments" / "tiny" / "assl_x2.yaml")
     root = tmp_path / "run"
     common = ["--config", config, "--trainer.default_root_dir", str(root),
@@ -314,8 +327,11 @@ def test_tiny_config_runs_every_phase_then_test_and_profile(tmp_path: Path, no_w
         assert any(key in content for content in wandb_files), key
     for chart in ("planned_widths", "kept_widths"):
         assert list(root.rglob(f"media/table/assl/{chart}_table_*.table.json")), chart
+    validated_stages = set(fused_stages)
+    fused_stages.clear()
     assert main(["test", *common, "--ckpt_path", str(checkpoint_path),
                  "--model.init_args.results_dir", str(root)]) == 0
+    assert "compact" in validated_stages and set(fused_stages) == {"compact"}  # val and test ran fused
     results = json.loads((root / "test_results.json").read_text())
     dense_params = sum(p.numel() for p in LEDSR(2, num_features=32, num_blocks=2).parameters())
     assert results["sample"]["psnr_y"] > 15.0
@@ -325,3 +341,117 @@ def test_tiny_config_runs_every_phase_then_test_and_profile(tmp_path: Path, no_w
                  "--lr_size", "32", "32", "--output", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     assert report["params"] == results["sample"]["params"]
+
+
+def _eval_module(stage: str) -> ASSLModule:
+    torch.manual_seed(0)
+    module = ASSLModule(LEDSR(3, num_features=16, num_blocks=2, res_scale=0.5, pixel_range=255.0), keep=6)
+    if stage != "dense":
+        module.enter_phase("ssa", {})
+        randomise_gammas(module.network)
+    if stage == "compact":
+        module.enter_phase("prune", {})
+    assert module.stage == stage
+    return module.eval()
+
+
+@pytest.mark.parametrize("stage", ["dense", "wn", "compact"])
+def test_infer_uses_cached_fused_network_and_rebuilds_when_weights_change(stage: str) -> None:
+    module = _eval_module(stage)
+    lr = torch.rand(3, 3, 13, 11, generator=torch.Generator().manual_seed(2)) * 255.0
+    tolerance = 1e-4 * module.pixel_range
+
+    def check(context: Any) -> Tensor:
+        with torch.no_grad():
+            plain = module.network(lr)
+        with context():
+            fused = module.infer(lr)
+        assert fused.shape == (3, 3, 39, 33) and fused.dtype == plain.dtype and fused.is_contiguous()
+        assert (fused - plain).abs().max().item() <= tolerance
+        return fused
+
+    first = check(torch.inference_mode)
+    cached = module._deploy_cache.network
+    assert all(isinstance(m, FusedConv2d) for m in cached.modules() if isinstance(m, nn.Conv2d | FusedConv2d))
+    assert not any(isinstance(m, WNConv2d) for m in cached.modules())
+    check(torch.no_grad)
+    assert module._deploy_cache.network is cached
+    # an optimizer step
+    parameters = [p for p in module.network.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=1e-2)
+    module.network(lr[:1, :, :8, :8]).mean().backward()
+    optimizer.step()
+    second = check(torch.no_grad)
+    assert module._deploy_cache.network is not cached and (second - first).abs().max().item() > 1e-3
+    cached = module._deploy_cache.network
+    # an in-place change that leaves the version counters alone (as fused Adam does, or `.data` edits)
+    versions = [p._version for p in parameters]
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.data.mul_(0.9)
+    assert [p._version for p in parameters] == versions
+    third = check(torch.inference_mode)
+    assert module._deploy_cache.network is not cached and (third - second).abs().max().item() > 1e-3
+    cached = module._deploy_cache.network
+    # load_state_dict (in-place copies) back to other weights
+    module.load_state_dict(_eval_module(stage).state_dict())
+    torch.testing.assert_close(check(torch.inference_mode), first, atol=tolerance, rtol=0)
+    assert module._deploy_cache.network is not cached
+    # training mode, autograd or fused_inference=False: the plain network
+    with torch.no_grad():
+        plain = module.network(lr)
+    module.train()
+    with torch.no_grad():
+        assert torch.equal(module.infer(lr), plain)
+    module.eval()
+    assert module.infer(lr).requires_grad
+    module.fused_inference = False
+    with torch.no_grad():
+        assert torch.equal(module.infer(lr), plain)
+
+
+def test_infer_cache_follows_phase_change_and_pruning() -> None:
+    module = _eval_module("wn")
+    lr = torch.rand(2, 3, 9, 7) * 255.0
+    with torch.inference_mode():
+        module.infer(lr)
+    assert module._deploy_cache is not None
+    module.enter_phase("finetune", {})
+    assert module._deploy_cache is None and module.stage == "compact"
+    module.eval()
+    with torch.inference_mode():
+        fused = module.infer(lr)
+        plain = module.network(lr)
+    assert module._deploy_cache.network.head.weight.shape[0] == 6
+    assert (fused - plain).abs().max().item() <= 1e-4 * 255.0
+
+
+def test_deploy_network_materialises_weight_norm_and_leaves_shared_convs_alone() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3, padding=1))
+            self.shared = nn.Conv2d(8, 8, 3, padding=1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # old-style weight norm: deprecated, still used
+                self.tail = torch.nn.utils.weight_norm(nn.Conv2d(8, 3, 3, padding=1))
+
+        def forward(self, x: Tensor) -> Tensor:
+            features = torch.relu(self.head(x))
+            features = features + 0.5 * self.shared(features)
+            features = features + 0.5 * self.shared(features)
+            return self.tail(features)
+
+    torch.manual_seed(0)
+    network = Net().eval()
+    with torch.no_grad():
+        network.head.parametrizations.weight.original0.mul_(3.0)
+        network.tail.weight_g.mul_(2.0)  # the hook's cached `weight` is stale until the next forward
+    lr = torch.rand(2, 3, 7, 9)
+    deployed = deploy_network(network)
+    with torch.inference_mode():
+        torch.testing.assert_close(deployed(lr), network(lr), atol=1e-5, rtol=0)
+    assert isinstance(network.head.parametrizations.weight.original0, nn.Parameter)  # the original is untouched
+    assert isinstance(deployed.head, FusedConv2d) and deployed.head.relu and isinstance(deployed.tail, FusedConv2d)
+    assert type(deployed.shared) is nn.Conv2d
+    assert torch.equal(deployed.shared.weight, network.shared.weight)

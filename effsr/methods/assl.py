@@ -10,7 +10,8 @@ Pieces, all plain functions over ``nn.Module``s, then one thin LightningModule:
 * :func:`ssa_loss` (sparsity-structure alignment), :class:`GrowingL2` (growing penalty on pruned filters).
 * :func:`compute_plan` — local ratio, ``min(ceil(ratio·N), N−1)`` pruned, optional keep-count rounding.
 * :func:`prune_network` — folds γ and physically removes filters → a plain network with fewer channels;
-  :func:`deploy_network` folds res_scale/mean shift and fuses conv+ReLU / conv+residual for CPU inference;
+  :func:`deploy_network` folds res_scale/mean shift and fuses conv+ReLU / conv+residual for CPU inference
+  (what :meth:`ASSLModule.infer` runs, cached);
   :func:`apply_shapes` rebuilds that structure from a checkpoint's plan before its state dict is loaded.
 * :class:`ASSLModule` — phases ``dense`` / ``ssa`` / ``regularize`` / ``stabilize`` / ``prune`` / ``finetune``.
 """
@@ -474,26 +475,77 @@ def _attribute(root: nn.Module, target: str) -> Any:
     return value
 
 
+def _materialise_weights(network: nn.Module) -> None:
+    """Replaces computed weights of a (copied, eval-mode) network by plain ones, in place.
+
+    :class:`WNConv2d` → ``nn.Conv2d`` with γ folded; ``torch.nn.utils.parametrize`` parametrisations (e.g.
+    ``parametrizations.weight_norm``) → a parameter holding their current value; old-style
+    ``torch.nn.utils.weight_norm`` hooks removed. Each takes the value the next forward would have used.
+    Not ``parametrize.remove_parametrizations``: a deep copy shares the injected ``Parametrized*`` class with
+    the original, and removing the parametrisation deletes the property from that class, i.e. breaks the
+    original network too; here only the copy's ``__class__`` is reset.
+    """
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.weight_norm import WeightNorm, remove_weight_norm
+
+    fold_weight_norm(network)
+    with torch.no_grad():
+        for module in list(network.modules()):
+            if parametrize.is_parametrized(module):
+                values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+                module.__class__ = module.__class__.__bases__[0]
+                del module._modules["parametrizations"]
+                for name, value in values.items():
+                    module.register_parameter(name, nn.Parameter(value, requires_grad=False))
+            for hook in list(module._forward_pre_hooks.values()):
+                if isinstance(hook, WeightNorm):
+                    remove_weight_norm(module, hook.name)
+
+
+def _computed_weights_memo(network: nn.Module) -> dict[int, Any]:
+    """A ``deepcopy`` memo standing in detached aliases for old-style weight-norm ``weight`` attributes: they
+    are autograd results (not deep-copyable) and :func:`_materialise_weights` recomputes them anyway."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    memo: dict[int, Any] = {}
+    for module in network.modules():
+        for hook in module._forward_pre_hooks.values():
+            value = getattr(module, hook.name, None) if isinstance(hook, WeightNorm) else None
+            if isinstance(value, Tensor):
+                memo[id(value)] = value.detach()
+    return memo
+
+
 def deploy_network(network: nn.Module) -> torch.fx.GraphModule:
     """An inference-only copy of ``network`` with everything foldable folded (outputs equal up to float error).
 
     Scalar multiplies of a conv output (EDSR's ``res_scale``) and a constant per-channel add after
     ``PixelShuffle`` (the mean shift) go into that conv's weights/bias; conv → ReLU and conv + residual
-    become single :class:`FusedConv2d` calls (oneDNN post-ops on CPU, channels-last). Works on the dense
-    and on the pruned network; ops it does not recognise are kept as they are.
+    become single :class:`FusedConv2d` calls (oneDNN post-ops on CPU, channels-last). Works on the dense,
+    the weight-normalised (γ folded first) and the pruned network; ops it does not recognise, convs with
+    hooks and convs called more than once (shared weights) are kept as they are.
     """
-    copied = copy.deepcopy(network).eval()
+    copied = copy.deepcopy(network, _computed_weights_memo(network)).eval()
+    _materialise_weights(copied)
     graph_module = torch.fx.GraphModule(copied, _ConvLeafTracer().trace(copied))
     graph = graph_module.graph
     modules = dict(graph_module.named_modules())
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            owner = str(node.target) if node.op == "call_module" else str(node.target).rpartition(".")[0]
+            uses[owner] = uses.get(owner, 0) + 1
+
+    def foldable(name: str, module: Any) -> bool:
+        """A plain zero-padded conv used once, without hooks: its weights may be changed and fused."""
+        return (type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+                and uses.get(name, 0) == 1 and not (module._forward_pre_hooks or module._forward_hooks))
 
     def plain_conv(node: Any) -> nn.Conv2d | None:
         if not isinstance(node, torch.fx.Node) or node.op != "call_module" or len(node.users) != 1:
             return None
         module = modules.get(str(node.target))
-        if type(module) is not nn.Conv2d or module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return None
-        return module
+        return module if foldable(str(node.target), module) else None
 
     def replace(node: torch.fx.Node, by: torch.fx.Node) -> None:
         node.replace_all_uses_with(by)
@@ -562,7 +614,7 @@ def deploy_network(network: nn.Module) -> torch.fx.GraphModule:
             replace(node, call)
             graph.erase_node(source)
         for name, module in list(graph_module.named_modules()):
-            if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            if foldable(name, module):
                 _set_submodule(graph_module, name, FusedConv2d(module))
     graph.eliminate_dead_code()
     graph.lint()
@@ -627,6 +679,35 @@ class GrowingL2:
 
 
 # ============================================================================ LightningModule
+@dataclass
+class _DeployCache:
+    """:meth:`ASSLModule.infer`'s fused copy and what it was built from (see ``ASSLModule._fused_network``)."""
+
+    key: tuple[Any, ...]
+    fingerprint: Tensor
+    network: nn.Module
+    held: tuple[Any, ...]
+
+
+def _fingerprint(tensors: Sequence[Tensor]) -> Tensor:
+    """Per-tensor sums (on the CPU, one transfer per device): catch in-place updates that do not bump
+    ``_version`` (fused optimizers)."""
+    sums: dict[torch.device, list[Tensor]] = {}
+    for tensor in tensors:
+        tensor = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+        dtype = torch.float32 if tensor.device.type == "mps" else torch.float64  # MPS has no float64
+        sums.setdefault(tensor.device, []).append(tensor.detach().sum(dtype=dtype))
+    return torch.cat([torch.stack(values).cpu().double() for values in sums.values()]) if sums else \
+        torch.zeros(0, dtype=torch.float64)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 PHASES = ("dense", "ssa", "regularize", "stabilize", "prune", "finetune")
 
 
@@ -652,6 +733,8 @@ class ASSLModule(SRModule):
         reg_bias: also penalise the pruned filters' biases (½·α·(γ² + b²)).
         free_reg_in_ssa: free layers start their growing L2 with the ``ssa`` phase (else with ``regularize``).
         dense_checkpoint: optional dense weights to start from (Lightning checkpoint or plain state dict).
+        fused_inference: validation/test/predict run :func:`deploy_network`'s fused copy (cached, rebuilt when
+            a weight changes) instead of the plain network; false runs the plain network.
         **kwargs: :class:`effsr.models.SRModule` options (tiling, image logging, results_dir).
     """
 
@@ -672,6 +755,7 @@ class ASSLModule(SRModule):
         reg_bias: bool = True,
         free_reg_in_ssa: bool = True,
         dense_checkpoint: str | None = None,
+        fused_inference: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(network, optimizer=optimizer, lr_scheduler=lr_scheduler, **kwargs)
@@ -692,6 +776,8 @@ class ASSLModule(SRModule):
         self.plan: dict[str, list[int]] = {}
         self.producers: dict[str, list[str]] = {}
         self._structure: ChannelStructure | None = None
+        self.fused_inference = fused_inference
+        self._deploy_cache: _DeployCache | None = None
         if dense_checkpoint:
             load_dense_weights(self.network, dense_checkpoint)
 
@@ -737,6 +823,7 @@ class ASSLModule(SRModule):
         self.network = prune_network(self.network, self.structure, self.plan)
         self.stage = "compact"
         self._cost_cache = None
+        self._deploy_cache = None
         self._log_widths("assl/kept_widths")
         return True
 
@@ -746,6 +833,43 @@ class ASSLModule(SRModule):
         Not :meth:`deployed_network`, which cost counting and ``effsr profile`` use (plain convs, counted params).
         """
         return deploy_network(self.network)
+
+    def infer(self, lr: Tensor) -> Tensor:
+        """Validation/test/predict: the cached :func:`deploy_network` copy when it may be used, else the network.
+
+        The fused copy runs only when nothing can tell the difference: every module in eval mode, autograd
+        off (``no_grad``/``inference_mode``: its weights are detached buffers) and no autocast (oneDNN calls
+        are not autocast ops). It equals the network up to float rounding in every stage (γ folded first).
+        """
+        deployed = self._fused_network(lr) if self.fused_inference else None
+        if deployed is None:
+            return self.network(lr)
+        return deployed(lr).contiguous()
+
+    def _fused_network(self, lr: Tensor) -> nn.Module | None:
+        if torch.is_grad_enabled() or _autocast_enabled(lr.device.type):
+            return None
+        modules = list(self.network.modules())
+        if any(module.training for module in modules):
+            return None
+        tensors = [*self.network.parameters(), *self.network.buffers()]
+        if any(tensor.is_inference() or tensor.is_meta for tensor in tensors):
+            return None
+        key = (tuple(map(id, modules)),
+               tuple((id(t), t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape)) for t in tensors))
+        cache = self._deploy_cache
+        if cache is not None and cache.key == key and torch.equal(cache.fingerprint, _fingerprint(tensors)):
+            return cache.network
+        self._deploy_cache = None
+        with torch.inference_mode(False), torch.no_grad():
+            network = deploy_network(self.network)
+            # modules/tensors are held so their ids cannot be reused while the key is compared against them
+            self._deploy_cache = _DeployCache(key, _fingerprint(tensors), network, (modules, tensors))
+        return network
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """The optimizer step changed the weights (fused optimizers do not bump ``_version``): drop the copy."""
+        self._deploy_cache = None
 
     def kept_widths(self) -> dict[str, int]:
         """Kept output channels per prunable conv, in graph order (planned before pruning)."""
@@ -757,6 +881,7 @@ class ASSLModule(SRModule):
         if name not in PHASES:
             raise ConfigError(f"ASSLModule has no phase '{name}'; use {', '.join(PHASES)}")
         changed = super().on_phase_start(name, settings)
+        self._deploy_cache = None
         step = self.global_step
         if name == "dense":
             if self.stage != "dense":
@@ -857,6 +982,7 @@ class ASSLModule(SRModule):
         elif stage != "dense":
             raise CheckpointError(f"unknown ASSL stage {stage!r} in the checkpoint")
         self._cost_cache = None
+        self._deploy_cache = None
 
     def cost_report(self) -> dict[str, float]:
         """Cost of the deployed network; before pruning also the cost the current plan will give."""
