@@ -11,7 +11,12 @@ How each number is obtained:
 - ``macs_720p`` / ``macs_per_lr_patch_32`` / ``flops_classsr``: :mod:`effsr.cost` (FlopCounterMode; units in
   its docstring). Counted on a meta-device copy when the network allows it (shapes only, instant), otherwise
   by running it on its device.
-- ``macs_at_lr_size``: MACs of one forward on the profiled ``lr_size`` input (relates latency to work).
+- ``macs_at_lr_size``: MACs of one forward on the profiled ``lr_size`` input, the random image that is timed
+  (relates latency to work).
+- A network whose cost is not that of one forward on a zero image (e.g. routing, where the cost is defined at
+  given class proportions) defines ``profile_costs(scale) -> dict``: its entries (``macs_720p`` and
+  ``macs_per_lr_patch_32`` at least, plus any extra, JSON-serialisable keys) replace the counted ones;
+  ``macs_at_lr_size`` is still counted.
 - ``latency_ms_median``: median wall-clock time of ``runs`` forwards (after ``warmup`` untimed ones) on one
   random LR image of ``lr_size``, batch 1, ``torch.inference_mode``; on CUDA each run is synchronised.
   ``device`` and ``torch_threads`` (intra-op threads) are reported with it.
@@ -51,19 +56,27 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
-def _count_costs(network: nn.Module, scale: int, lr_size: tuple[int, int]) -> dict[str, int]:
-    """MACs at 720p, per 32×32 LR patch and for the profiled input: on a meta copy when possible (shapes
-    only), else on the real network (data-dependent layers cannot run on meta)."""
+def _profile_input(lr_size: tuple[int, int]) -> Tensor:
+    """The random LR image that is timed (and counted by ``macs_at_lr_size``)."""
+    return torch.rand(1, 3, *lr_size, generator=torch.Generator().manual_seed(0))
 
-    def count(model: nn.Module, device: torch.device) -> dict[str, int]:
-        return {"macs_720p": macs_at_720p(model, scale, device=device),
-                "macs_per_lr_patch_32": macs_per_lr_patch(model, scale, 32, device=device),
-                "macs_at_lr_size": count_macs(model, torch.zeros(1, 3, *lr_size, device=device))}
+
+def _count_costs(network: nn.Module, scale: int, lr_size: tuple[int, int]) -> dict[str, Any]:
+    """MACs at 720p, per 32×32 LR patch (or the network's ``profile_costs``) and for the profiled input: on a
+    meta copy when possible (shapes only), else on the real network (data-dependent layers cannot run on meta)."""
+    own_costs = getattr(network, "profile_costs", None)
+
+    def count(model: nn.Module, device: torch.device) -> dict[str, Any]:
+        costs: dict[str, Any] = {} if callable(own_costs) else {
+            "macs_720p": macs_at_720p(model, scale, device=device),
+            "macs_per_lr_patch_32": macs_per_lr_patch(model, scale, 32, device=device)}
+        return {**costs, "macs_at_lr_size": count_macs(model, _profile_input(lr_size).to(device))}
 
     try:
-        return count(copy.deepcopy(network).to("meta"), torch.device("meta"))
+        counted = count(copy.deepcopy(network).to("meta"), torch.device("meta"))
     except Exception:  # noqa: BLE001 - any failure on meta falls back to counting the real forward
-        return count(network, next((p.device for p in network.parameters()), torch.device("cpu")))
+        counted = count(network, next((p.device for p in network.parameters()), torch.device("cpu")))
+    return {**own_costs(scale), **counted} if callable(own_costs) else counted
 
 
 def _status_kib(field: str) -> int:
@@ -142,7 +155,7 @@ def profile_network(network: nn.Module, scale: int, lr_size: tuple[int, int] = (
 
     was_training = network.training
     network = network.to(target).eval()
-    image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0)).to(target)
+    image = _profile_input((height, width)).to(target)
     synchronize = (lambda: torch.cuda.synchronize(target)) if target.type == "cuda" else (lambda: None)
 
     def forward() -> Tensor:
@@ -182,6 +195,23 @@ def profile_network(network: nn.Module, scale: int, lr_size: tuple[int, int] = (
     return report
 
 
+def _render_extra(key: str, value: Any, in_list: bool = False) -> str:
+    """An extra key's value: ``macs…``/``flops…`` counts with a decimal prefix, ``…percent…`` as %, lists item
+    by item (small floats to 4 digits), other large floats with thousands separators."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_render_extra(key, item, in_list=True) for item in value) + "]"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return str(value)
+    unit = {"macs": "MACs", "flops": "FLOPs"}.get(key.split("_", 1)[0])
+    if "percent" in key:
+        return f"{value:.2f} %"
+    if unit is not None:
+        return f"{format_count(value, unit)} ({value:,.0f})"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}" if in_list else str(value)
+    return str(value)
+
+
 def format_profile_table(report: dict[str, Any]) -> str:
     """A two-column text table of a :func:`profile_network` report (extra keys are listed at the end)."""
     rows: list[tuple[str, str]] = []
@@ -213,6 +243,6 @@ def format_profile_table(report: dict[str, Any]) -> str:
     add("torch", "torch_version", str)
     for key, value in report.items():
         if key not in known:
-            rows.append((key, f"{value:,.0f}" if isinstance(value, float) and abs(value) >= 1000 else str(value)))
+            rows.append((key, _render_extra(key, value)))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
+from effsr.errors import ConfigError
 from effsr.methods.classsr import (
     Classifier,
     ClassSRModule,
@@ -180,6 +181,19 @@ def test_tiny_pipeline_all_phases_then_test_routed_costs(tmp_path: Path, monkeyp
     assert results["macs"] < results["macs_wide"] and results["flops_percent_of_wide"] < 100
     image = next(iter(results["images"].values()))
     assert {"psnr_y", "psnr_rgb_crop4", "class_proportions", "macs", "flops_classsr"} <= set(image)
+    # last.ckpt is written at the epoch's last batch, before that epoch's validation: this one-epoch run's
+    # checkpoint has no measured class counts yet. `effsr profile` at the shares `effsr test` measured:
+    assert structure["measured_class_counts"] is None
+    profile_json = tmp_path / "profile.json"
+    shares = results["class_proportions"]
+    assert cli.main(["profile", "--config", str(TINY), "--ckpt_path", str(checkpoint_path), "--runs", "1",
+                     "--lr_size", "32", "40", "--output", str(profile_json),
+                     f"--model.init_args.cost_proportions=[{','.join(map(str, shares))}]"]) == 0
+    report = json.loads(profile_json.read_text())
+    assert report["network"] == "RoutedClassSR" and report["class_proportions_source"] == "cost_proportions option"
+    assert report["class_proportions"] == pytest.approx(shares)
+    assert report["macs_720p"] == pytest.approx(report["method_macs_720p"], abs=1)
+    assert report["macs_720p"] < report["macs_720p_wide"] < report["macs_720p_soft_mixture"]
 
 
 def test_ddp_two_processes_split_and_classifier_phase(tmp_path: Path) -> None:
@@ -224,3 +238,94 @@ def test_resume_restores_split_and_trainable_set_of_the_phase() -> None:
     module.on_load_checkpoint({"effsr": state})
     assert [any(p.requires_grad for p in b.parameters()) for b in module.network.branches] == [False, True, False]
     assert module.labels_for(torch.tensor([2, 4])).tolist() == [2, 1]
+
+
+def _tiny_config_network() -> ClassSRNet:
+    """The network of experiments/tiny/classsr_x4.yaml (MSRResNet F 8/12/16, 1 block), random weights."""
+    torch.manual_seed(0)
+    settings = yaml.safe_load(TINY.read_text())["model"]["init_args"]["network"]["init_args"]
+    return ClassSRNet(**settings, scale=4)
+
+
+def _expected_routed_cost(network: ClassSRNet, proportions: list[float], classifier: bool = True) -> dict:
+    """ClassSR's cost counted independently, branch by branch, with effsr.cost (no ClassSR cost code)."""
+    from effsr.cost import count_macs, macs_at_720p
+
+    patch = torch.zeros(1, 3, 32, 32)
+    branch_720p = [macs_at_720p(branch, 4) for branch in network.branches]
+    branch_patch = [count_macs(branch, patch) for branch in network.branches]
+    classifier_patch = count_macs(network.classifier, patch) if classifier else 0
+    # The 720p LR frame at ×4 is 320×180: patch 32, stride 28 -> 12 columns (0, 28, …, 280, flush 288) × 7 rows
+    # (0, …, 140, flush 148) = 84 patches, each classified once.
+    return {"macs_720p": sum(p * m for p, m in zip(proportions, branch_720p, strict=True)) + 84 * classifier_patch,
+            "macs_per_lr_patch_32": sum(p * m for p, m in zip(proportions, branch_patch, strict=True))
+            + classifier_patch,
+            "wide_720p": branch_720p[-1], "wide_patch": branch_patch[-1],
+            "soft_mixture": sum(branch_720p) + count_macs(network.classifier, torch.zeros(1, 3, 180, 320))}
+
+
+def test_profile_headline_is_the_routed_cost_at_the_class_proportions() -> None:
+    from effsr.profile import format_profile_table, profile_network
+
+    network = _tiny_config_network()
+    module = ClassSRModule(network=network).eval()
+
+    def profile(model: ClassSRModule) -> dict:
+        report = profile_network(model.deployed_network(), 4, lr_size=(36, 60), runs=1, warmup=0)
+        assert json.loads(json.dumps(report)) == report
+        return report
+
+    # Never evaluated: equal shares, labelled as an assumption.
+    report = profile(module)
+    assert report["network"] == "RoutedClassSR" and report["class_proportions_source"].startswith("uniform 1/3")
+    expected = _expected_routed_cost(network, [1 / 3] * 3)
+    assert report["tile_patches_720p"] == 84
+    assert report["macs_720p"] == pytest.approx(expected["macs_720p"], abs=1)
+    assert report["macs_per_lr_patch_32"] == pytest.approx(expected["macs_per_lr_patch_32"], abs=1)
+    assert report["flops_classsr"] == 2 * report["macs_per_lr_patch_32"]
+    assert report["macs_720p_wide"] == expected["wide_720p"]
+    assert report["flops_classsr_wide"] == 2 * expected["wide_patch"]
+    assert report["macs_720p"] < report["macs_720p_wide"]
+    assert report["macs_720p_percent_of_wide"] == pytest.approx(100 * expected["macs_720p"] / expected["wide_720p"])
+    assert report["macs_720p_soft_mixture"] == expected["soft_mixture"] > report["macs_720p_wide"]
+    assert module.cost_report()["macs_720p"] == pytest.approx(report["macs_720p"], abs=1)  # one implementation
+    table = format_profile_table(report)
+    assert "MACs, 1280×720 output" in table and "uniform 1/3 (assumed" in table and "macs_720p_soft_mixture" in table
+
+    # Measured shares: two routed validation images; the counts go into the checkpoint and come back.
+    evaluated = ClassSRModule(network=network).eval()
+    with torch.no_grad():
+        evaluated.network.classifier.linear.bias.copy_(torch.tensor([0.3, 0.0, -0.3]))
+    counts = torch.zeros(3)
+    generator = torch.Generator().manual_seed(1)
+    for name in ("a", "b"):
+        lr = torch.rand(1, 3, 60, 88, generator=generator) * torch.linspace(0, 1, 88)  # flat to busy
+        with torch.no_grad():
+            sr = evaluated.infer(lr)
+        counts += evaluated._last_route.patches_per_network
+        evaluated.on_eval_image("val", "gen", name, lr, sr.clamp(0, 1), sr.clamp(0, 1))
+    evaluated._aggregate_eval("val")
+    checkpoint: dict = {}
+    evaluated.on_save_checkpoint(checkpoint)
+    measured = ClassSRModule(network=network).eval()
+    measured.on_load_checkpoint(checkpoint)
+    report = profile(measured)
+    shares = (counts / counts.sum()).tolist()
+    assert report["class_proportions"] == pytest.approx(shares) and len(set(shares)) > 1
+    source = report["class_proportions_source"]
+    assert source.startswith("measured") and f"val on gen: 2 images, {int(counts.sum())} patches" in source
+    expected = _expected_routed_cost(network, shares)
+    assert report["macs_720p"] == pytest.approx(expected["macs_720p"], abs=1)
+    assert report["macs_720p"] < expected["wide_720p"]
+    assert report["flops_classsr"] == pytest.approx(2 * expected["macs_per_lr_patch_32"], abs=2)
+
+    # The proportions option wins over measured shares (normalised); force_branch is the wide branch alone.
+    option = ClassSRModule(network=network, cost_proportions=[2, 1, 1]).eval()
+    report = profile(option)
+    assert report["class_proportions"] == [0.5, 0.25, 0.25]
+    assert report["class_proportions_source"] == "cost_proportions option"
+    assert report["macs_720p"] == pytest.approx(_expected_routed_cost(network, [0.5, 0.25, 0.25])["macs_720p"], abs=1)
+    forced = profile(ClassSRModule(network=network, force_branch=2).eval())
+    assert forced["macs_720p"] == forced["macs_720p_wide"] and forced["macs_720p_percent_of_wide"] == 100.0
+    with pytest.raises(ConfigError, match="cost_proportions"):
+        ClassSRModule(network=network, cost_proportions=[1, 1])

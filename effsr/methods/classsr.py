@@ -17,6 +17,12 @@ Phase kinds (a phase's ``name`` starts with its kind, or ``settings.kind`` names
   at once, each sample going to its class's branch). The sampler draws from those classes only.
 - ``classifier``: branches frozen, classifier trained with w1·L1 + w2·L_class + w3·L_avg on the soft mixture.
 - ``joint``: everything trained with the same loss.
+
+Cost (:func:`routed_costs`, counted by :mod:`effsr.cost`): ClassSR's definition, the classifier plus each branch
+weighted by the share of patches routed to it. :meth:`ClassSRModule.deployed_network` is the routed model
+(:class:`RoutedClassSR`), so ``effsr profile`` times routed inference and reports that cost as its headline, at
+the class proportions of the last evaluation (saved in the checkpoint), the ``cost_proportions`` option, or,
+labelled as such, equal shares.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -144,6 +151,123 @@ class ClassSRNet(nn.Module):
         return (outputs * probabilities[:, :, None, None, None]).sum(dim=1), probabilities
 
 
+def routed_costs(network: ClassSRNet, proportions: Sequence[float], *, patch_size: int = 32, stride: int = 28,
+                 classifier: bool = True) -> dict[str, Any]:
+    """ClassSR's cost at class proportions ``p`` (share of patches per branch), every count from :mod:`effsr.cost`.
+
+    - ``macs_720p`` (conventions.md's unit, the ClassSR definition): Σ_k p_k·MACs_720p(branch k) + the
+      classifier on each of the ``tile_patches_720p`` patches (``patch_size``, ``stride``) of the 720p LR frame.
+    - ``macs_per_lr_patch_32``: Σ_k p_k·MACs(branch k, 32×32 LR patch) + the classifier's; ``flops_classsr`` =
+      2 × that, the unit of the ClassSR tables.
+    - ``*_wide``: the wide (last) branch alone on the same input; ``*_percent_of_wide``: the ratio in %.
+    - ``macs_720p_tiled``: what routed tiling executes on a 720p frame (every tile, overlaps included, through
+      its branch + the classifier); ``effsr test``'s ``macs`` counts the same way.
+    - ``macs_720p_soft_mixture``: :meth:`ClassSRNet.forward` on the frame (all K branches + the classifier),
+      the training-time mixture: not what inference runs.
+
+    ``classifier=False`` (``force_branch``) leaves the classifier out.
+    """
+    shares = [float(value) for value in proportions]
+    if len(shares) != network.num_classes or any(value < 0 for value in shares) or abs(sum(shares) - 1) > 1e-6:
+        raise ConfigError(f"class proportions must be {network.num_classes} non-negative shares summing to 1, "
+                          f"got {shares}")
+    scale = network.scale
+    tiles = len(tile_grid(*lr_size_for_720p(scale), patch_size, stride))
+    patch_32 = torch.zeros(1, 3, 32, 32)
+    branch_720p = [_meta_macs_720p(branch, scale) for branch in network.branches]
+    branch_32 = [_meta_macs(branch, patch_32) for branch in network.branches]
+    classifier_32 = _meta_macs(network.classifier, patch_32) if classifier else 0
+    if patch_size == 32:
+        branch_tile, classifier_tile = branch_32, classifier_32
+    else:
+        tile = torch.zeros(1, 3, patch_size, patch_size)
+        branch_tile = [_meta_macs(branch, tile) for branch in network.branches]
+        classifier_tile = _meta_macs(network.classifier, tile) if classifier else 0
+
+    def mix(values: list[int]) -> float:
+        return float(sum(share * value for share, value in zip(shares, values, strict=True)))
+
+    macs_720p = mix(branch_720p) + tiles * classifier_tile
+    per_patch = mix(branch_32) + classifier_32
+    return {
+        "macs_720p": macs_720p,
+        "macs_per_lr_patch_32": per_patch,
+        "flops_classsr": 2 * per_patch,
+        "class_proportions": shares,
+        "macs_720p_wide": float(branch_720p[-1]),
+        "macs_720p_percent_of_wide": 100.0 * macs_720p / branch_720p[-1],
+        "flops_classsr_wide": 2.0 * branch_32[-1],
+        "flops_classsr_percent_of_wide": 100.0 * per_patch / branch_32[-1],
+        "macs_720p_per_branch": [float(value) for value in branch_720p],
+        "macs_720p_classifier": float(tiles * classifier_tile),
+        "macs_per_lr_patch_32_per_branch": [float(value) for value in branch_32],
+        "macs_per_lr_patch_32_classifier": float(classifier_32),
+        "tile_patches_720p": tiles,
+        "macs_720p_tiled": tiles * (mix(branch_tile) + classifier_tile),
+        "macs_720p_soft_mixture": float(_meta_macs_720p(network, scale)),
+    }
+
+
+class RoutedClassSR(nn.Module):
+    """ClassSR as deployed: per LR patch the classifier's argmax (or ``force_branch``) picks one branch; routed
+    tiling (:func:`effsr.inference.tiling.routed_forward`) covers the whole image with overlap averaging.
+
+    ``proportions`` (with ``proportions_source`` saying where they come from) are the class shares its cost is
+    reported at: :meth:`profile_costs`, the hook :func:`effsr.profile.profile_network` uses instead of counting
+    one forward (routing depends on the image, the cost is defined at the class proportions).
+    """
+
+    def __init__(self, network: ClassSRNet, patch_size: int = 32, stride: int = 28, batch_size: int = 64,
+                 force_branch: int | None = None, proportions: Sequence[float] | None = None,
+                 proportions_source: str = "") -> None:
+        super().__init__()
+        self.network = network
+        self.scale = network.scale
+        self.pixel_range = network.pixel_range
+        self.patch_size = patch_size
+        self.stride = stride
+        self.batch_size = batch_size
+        self.force_branch = force_branch
+        uniform = [1.0 / network.num_classes] * network.num_classes
+        self.proportions = [float(value) for value in (uniform if proportions is None else proportions)]
+        self.proportions_source = proportions_source or "uniform (assumed)"
+
+    def policy(self, patches: Tensor) -> Tensor:
+        """Branch index per LR patch: classifier argmax or the forced branch."""
+        if self.force_branch is not None:
+            return torch.full((patches.shape[0],), self.force_branch, dtype=torch.long, device=patches.device)
+        return self.network.classifier(patches).argmax(dim=1)
+
+    def route(self, lr: Tensor, count_macs: bool = False) -> RoutedOutput:
+        """Routed tiled inference of one (1, C, H, W) image in the network's pixel range."""
+        return routed_forward(lr, list(self.network.branches), self.scale, self.policy,
+                              patch_size=self.patch_size, overlap=self.patch_size - self.stride,
+                              batch_size=self.batch_size, count_macs=count_macs)
+
+    def forward(self, lr: Tensor) -> Tensor:
+        return torch.cat([self.route(lr[index:index + 1]).sr for index in range(lr.shape[0])], dim=0)
+
+    def profile_costs(self, scale: int) -> dict[str, Any]:
+        """:func:`routed_costs` at :attr:`proportions`, with where they come from and the definition (the
+        headline ``macs_720p`` and ``macs_per_lr_patch_32`` rounded to whole MACs)."""
+        if int(scale) != self.scale:
+            raise ConfigError(f"scale={scale} but ClassSR upsamples by x{self.scale}")
+        costs = routed_costs(self.network, self.proportions, patch_size=self.patch_size, stride=self.stride,
+                             classifier=self.force_branch is None)
+        classifier = ("" if self.force_branch is not None else
+                      f" + classifier on the {costs['tile_patches_720p']} patches of the 720p tiling "
+                      f"(patch {self.patch_size}, stride {self.stride})")
+        return {  # the headline counts as whole MACs, like every other network's
+            "macs_720p": round(costs.pop("macs_720p")),
+            "macs_per_lr_patch_32": round(costs.pop("macs_per_lr_patch_32")),
+            "macs_720p_definition": f"ClassSR routed cost: sum_k p_k * MACs_720p(branch k){classifier}, "
+                                    "p = class_proportions",
+            "class_proportions": costs.pop("class_proportions"),
+            "class_proportions_source": self.proportions_source,
+            **costs,
+        }
+
+
 # ------------------------------------------------------------------------------------------------ split
 def split_by_score(scores: np.ndarray, num_classes: int) -> tuple[np.ndarray, list[float]]:
     """Equal-size classes by descending score (class 0 = highest PSNR = simplest) and the K-1 thresholds.
@@ -235,6 +359,8 @@ class ClassSRModule(SRModule):
         split_batch_size: sub-images per scoring batch.
         split_cache_dir: folder of cached splits (default ``<data.cache_dir>/classsr_splits``).
         route_maps_per_set: routing maps logged per validation set and validation run (None: every image).
+        cost_proportions: class shares (one per branch, normalised) that :meth:`cost_report` and ``effsr profile``
+            report the routed cost at, instead of those measured in the last evaluation.
         **kwargs: forwarded to :class:`SRModule` (``tile_above_pixels`` defaults to -1: routing tiles already).
     """
 
@@ -242,7 +368,8 @@ class ClassSRModule(SRModule):
                  patch_size: int = 32, stride: int = 28, route_batch_size: int = 64, force_branch: int | None = None,
                  reference_checkpoint: str | None = None, wide_from_reference: bool = True,
                  split_metric: Literal["rgb", "y"] = "rgb", split_batch_size: int = 64,
-                 split_cache_dir: str | None = None, route_maps_per_set: int | None = None, **kwargs: Any) -> None:
+                 split_cache_dir: str | None = None, route_maps_per_set: int | None = None,
+                 cost_proportions: list[float] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("tile_above_pixels", -1)
         super().__init__(network, *args, **kwargs)
         if not 0 < stride <= patch_size:
@@ -251,6 +378,12 @@ class ClassSRModule(SRModule):
             raise ConfigError(f"force_branch must be in 0..{network.num_classes - 1}, got {force_branch}")
         if split_metric not in ("rgb", "y"):
             raise ConfigError(f"split_metric must be 'rgb' or 'y', got {split_metric!r}")
+        if cost_proportions is not None:
+            shares = [float(value) for value in cost_proportions]
+            if len(shares) != network.num_classes or min(shares) < 0 or sum(shares) <= 0:
+                raise ConfigError(f"cost_proportions needs {network.num_classes} non-negative shares, got {shares}")
+            cost_proportions = [value / sum(shares) for value in shares]
+        self.cost_proportions = cost_proportions
         self.loss_weights = tuple(float(weight) for weight in loss_weights)
         self.patch_size = patch_size
         self.stride = stride
@@ -272,6 +405,7 @@ class ClassSRModule(SRModule):
         self._classsr_records: list[dict[str, Any]] = []
         self._route_maps_logged: dict[str, int] = {}
         self._measured_counts: Tensor | None = None
+        self._measured_from: dict[str, Any] = {}
         self._set_aggregates: dict[str, dict[str, Any]] = {}
         self._per_image: dict[str, dict[str, dict[str, Any]]] = {}
         if reference_checkpoint:
@@ -556,17 +690,21 @@ class ClassSRModule(SRModule):
             log_image(logger, "classsr/split_psnr_histogram", image, caption=title, step=self.global_step)
 
     # ------------------------------------------------------------------ inference
+    def _router(self, proportions: Sequence[float] | None = None, source: str = "") -> RoutedClassSR:
+        return RoutedClassSR(self.network, self.patch_size, self.stride, self.route_batch_size, self.force_branch,
+                             proportions, source)
+
+    def deployed_network(self) -> RoutedClassSR:
+        """The routed model (what inference runs), carrying the class proportions its cost is reported at."""
+        return self._router(*self.cost_proportions_used())
+
     def policy(self, patches: Tensor) -> Tensor:
         """Branch index per LR patch: classifier argmax or the forced branch."""
-        if self.force_branch is not None:
-            return torch.full((patches.shape[0],), self.force_branch, dtype=torch.long, device=patches.device)
-        return self.network.classifier(patches).argmax(dim=1)
+        return self._router().policy(patches)
 
     def route(self, lr: Tensor, count_macs: bool = False) -> RoutedOutput:
         """Routed tiled inference of one (1, C, H, W) image in the network's pixel range."""
-        return routed_forward(lr, list(self.network.branches), self.network.scale, self.policy,
-                              patch_size=self.patch_size, overlap=self.patch_size - self.stride,
-                              batch_size=self.route_batch_size, count_macs=count_macs)
+        return self._router().route(lr, count_macs=count_macs)
 
     def infer(self, lr: Tensor) -> Tensor:
         """Routed tiled inference over the whole image (the last image's routing is kept for logging)."""
@@ -663,8 +801,11 @@ class ClassSRModule(SRModule):
                 for suffix, item in zip(suffixes, values, strict=True):
                     self.log(f"{stage}/{set_name}/{key}{suffix}", float(item), on_step=False, on_epoch=True,
                              add_dataloader_idx=False, batch_size=1, rank_zero_only=True)
-        if pooled.sum() > 0:
+        if pooled.sum() > 0 and self.force_branch is None:
             self._measured_counts = pooled
+            self._measured_from = {"stage": stage, "sets": sorted({record["set"] for record in records}),
+                                   "images": len(records), "patches": int(pooled.sum()),
+                                   "global_step": int(self.global_step) if self._trainer is not None else None}
         self._cost_cache = None
 
     def on_validation_epoch_end(self) -> None:
@@ -683,50 +824,63 @@ class ClassSRModule(SRModule):
                 row.setdefault("images", {}).setdefault(image_name, {}).update(values)
         return results
 
-    def cost_report(self) -> dict[str, float]:
-        """Params of all branches + classifier; MACs at 720p and ClassSR FLOPs at the measured class proportions.
-
-        ``macs_720p`` = Σ_k p_k · MACs_720p(branch k) + the classifier on the 720p patch grid, p = the class
-        proportions of the last evaluation (``force_branch``: that branch; never evaluated: uniform).
-        """
-        branch_macs, classifier_macs = self.patch_macs()
+    def cost_proportions_used(self) -> tuple[list[float], str]:
+        """The class proportions the routed cost is reported at, and where they come from: ``force_branch``
+        (one-hot), the ``cost_proportions`` option, the last evaluation's measured shares (kept in the
+        checkpoint), else equal shares (an assumption, labelled so)."""
+        num = self.num_classes
         if self.force_branch is not None:
-            proportions = torch.zeros(self.num_classes, dtype=torch.float64)
-            proportions[self.force_branch] = 1.0
-        elif self._measured_counts is not None:
-            proportions = self._measured_counts / self._measured_counts.sum()
-        else:
-            proportions = torch.full((self.num_classes,), 1.0 / self.num_classes, dtype=torch.float64)
-        height, width = lr_size_for_720p(self.scale)
-        grid = len(tile_grid(height, width, self.patch_size, self.stride))
-        branch_720p = [_meta_macs_720p(branch, self.scale) for branch in self.network.branches]
-        macs_720p = float(sum(p * m for p, m in zip(proportions.tolist(), branch_720p, strict=True)))
-        routed = float(sum(p * m for p, m in zip(proportions.tolist(), branch_macs, strict=True)))
-        flops = 2 * (routed + classifier_macs)
+            return [float(k == self.force_branch) for k in range(num)], f"force_branch={self.force_branch}"
+        if self.cost_proportions is not None:
+            return list(self.cost_proportions), "cost_proportions option"
+        if self._measured_counts is not None:
+            counts = self._measured_counts.double()
+            origin = self._measured_from
+            where = (f" ({origin.get('stage')} on {', '.join(origin.get('sets', []))}: {origin.get('images')} images, "
+                     f"{origin.get('patches')} patches, step {origin.get('global_step')})" if origin else "")
+            source = f"measured: share of patches per branch in the last evaluation{where}"
+            return (counts / counts.sum()).tolist(), source
+        return [1.0 / num] * num, (f"uniform 1/{num} (assumed, not measured: no evaluation recorded; "
+                                   "set --model.init_args.cost_proportions or evaluate first)")
+
+    def cost_report(self) -> dict[str, float]:
+        """Params of all branches + classifier; the routed cost (:func:`routed_costs`) at
+        :meth:`cost_proportions_used`: ``macs_720p`` = Σ_k p_k · MACs_720p(branch k) + the classifier on the
+        720p patch grid, ``flops_classsr`` per 32×32 patch, both also for the wide branch alone."""
+        proportions, _ = self.cost_proportions_used()
+        costs = routed_costs(self.network, proportions, patch_size=self.patch_size, stride=self.stride,
+                             classifier=self.force_branch is None)
+        _, classifier_macs = self.patch_macs()
         report = {
             "params": float(count_params(self.network)),
-            "macs_720p": macs_720p + grid * classifier_macs,
-            "macs_720p_wide": float(branch_720p[-1]),
-            "flops_classsr": flops,
-            "flops_classsr_wide": 2.0 * branch_macs[-1],
-            "flops_percent_of_wide_cost": 100.0 * flops / (2.0 * branch_macs[-1]),
+            "macs_720p": costs["macs_720p"],
+            "macs_720p_wide": costs["macs_720p_wide"],
+            "macs_720p_percent_of_wide": costs["macs_720p_percent_of_wide"],
+            "flops_classsr": costs["flops_classsr"],
+            "flops_classsr_wide": costs["flops_classsr_wide"],
+            "flops_percent_of_wide_cost": costs["flops_classsr_percent_of_wide"],
             "classifier_macs_per_patch": float(classifier_macs),
         }
-        report.update({f"class_proportion_{k}": float(p) for k, p in enumerate(proportions.tolist())})
+        report.update({f"class_proportion_{k}": float(p) for k, p in enumerate(proportions)})
         return report
 
     # ------------------------------------------------------------------ checkpoints
     def structure_state(self) -> dict[str, Any]:
-        """The split (labels per sub-image, thresholds, cache key)."""
+        """The split (labels per sub-image, thresholds, cache key) and the last evaluation's class counts."""
+        counts = None if self._measured_counts is None else self._measured_counts.tolist()
         return {"split_thresholds": list(self.split_thresholds), "split_key": self.split_key,
-                "split_labels": self.split_labels, "split_info": dict(self.split_info)}
+                "split_labels": self.split_labels, "split_info": dict(self.split_info),
+                "measured_class_counts": counts, "measured_from": dict(self._measured_from)}
 
     def rebuild_structure(self, state: dict[str, Any]) -> None:
-        """Restores the split."""
+        """Restores the split and the measured class counts (older checkpoints have none)."""
         self.split_thresholds = list(state.get("split_thresholds", []))
         self.split_key = state.get("split_key")
         self.split_labels = state.get("split_labels")
         self.split_info = dict(state.get("split_info") or {})
+        counts = state.get("measured_class_counts")
+        self._measured_counts = None if counts is None else torch.tensor(counts, dtype=torch.float64)
+        self._measured_from = dict(state.get("measured_from") or {})
 
 
 def _meta_macs(module: nn.Module, example: Tensor) -> int:
