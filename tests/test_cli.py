@@ -226,3 +226,19 @@ def test_bicubic_x4_config_reproduces_table_and_ddp_is_identical(tmp_path: Path)
             expected = results["single"][sets[0].name]["images"][path.stem]
             assert expected["psnr_y"] == pytest.approx(psnr(sr, to_tensor(hr), 4, True).item(), abs=1e-3)
             assert expected["ssim_y"] == pytest.approx(ssim(sr, to_tensor(hr), 4, True).item(), abs=1e-5)
+
+
+def test_repeated_test_runs_keep_earlier_results(tmp_path: Path) -> None:
+    """A second `effsr test` into the same folder keeps the first run's test_results.json in the history."""
+    from effsr.archs import BicubicSR
+    from effsr.models import SRModule
+
+    module = SRModule(BicubicSR(scale=2), results_dir=str(tmp_path))
+    row = {"n_images": 1, "psnr_y": 30.0, "ssim_y": 0.9, "psnr_rgb": 29.0}
+    module._write_results({"Set5": row})
+    module._write_results({"Set5": {**row, "psnr_y": 31.0}})
+    module._write_results({"Set5": {**row, "psnr_y": 32.0}})
+    assert json.loads((tmp_path / "test_results.json").read_text())["Set5"]["psnr_y"] == 32.0
+    kept = sorted((tmp_path / "test_results_history").glob("test_results-*.json"))
+    assert sorted(json.loads(path.read_text())["Set5"]["psnr_y"] for path in kept) == [30.0, 31.0]
+    assert not list(tmp_path.glob("*.tmp"))

@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -385,6 +386,16 @@ class SRModule(L.LightningModule):
         path = root / "test_results.json"
         temporary = path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(results, indent=2))
+        if path.exists():
+            history = root / "test_results_history"
+            history.mkdir(exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+            kept = history / f"test_results-{stamp}.json"
+            suffix = 1
+            while kept.exists():
+                kept = history / f"test_results-{stamp}-{suffix}.json"
+                suffix += 1
+            os.replace(path, kept)
         os.replace(temporary, path)
         lines = [f"{'set':<16}{'n':>5}{'PSNR-Y':>9}{'SSIM-Y':>9}{'PSNR-RGB':>10}{'GMACs@720p':>12}{'params':>11}"]
         for set_name, row in results.items():
@@ -392,7 +403,8 @@ class SRModule(L.LightningModule):
                 f"{set_name:<16}{row['n_images']:>5}{row['psnr_y']:>9.3f}{row['ssim_y']:>9.4f}{row['psnr_rgb']:>10.3f}"
                 f"{row.get('macs_720p', math.nan) / 1e9:>12.2f}{row.get('params', math.nan) / 1e6:>10.3f}M"
             )
-        print("\n".join(lines) + f"\ntest results written to {path}", flush=True)
+        note = " (earlier results kept in test_results_history/)" if (root / "test_results_history").exists() else ""
+        print("\n".join(lines) + f"\ntest results written to {path}{note}", flush=True)
 
     def _log_sample_images(self, set_name: str, name: str, lr: Tensor, sr: Tensor, hr: Tensor) -> None:
         """LR (nearest) / bicubic / SR / HR side by side, a centre crop, to whatever logger is attached."""
