@@ -144,6 +144,11 @@ def test_converter_round_trip_legacy_format(tmp_path: Path) -> None:
     assert network.pixel_range == 255.0
     with pytest.raises(smsr.CheckpointError, match="×2"):
         convert_official_checkpoint(str(src), str(tmp_path / "x4.ckpt"), scale=4)
+    wrapped = tmp_path / "SMSR_x2_dataparallel.pt"
+    torch.save({f"module.{key}": value for key, value in state.items()}, wrapped)
+    convert_official_checkpoint(str(wrapped), str(tmp_path / "from_wrapped.ckpt"), scale=2)
+    from_wrapped = torch.load(tmp_path / "from_wrapped.ckpt", map_location="cpu", weights_only=False)
+    assert all(torch.equal(from_wrapped["state_dict"][key], value) for key, value in checkpoint["state_dict"].items())
 
 
 class _Evil:

@@ -580,11 +580,13 @@ def network_init_args(network: SMSR) -> dict[str, Any]:
 
 
 def smsr_from_state_dict(state: dict[str, Tensor], pixel_range: float, source: str) -> SMSR:
-    """An :class:`SMSR` shaped like ``state`` (official key layout, no ``network.`` prefix) with its weights.
+    """An :class:`SMSR` shaped like ``state`` (official key layout; a DataParallel ``module.`` prefix is dropped).
 
     Width, module and layer counts and the scale are read from the tensor shapes; any other layout is refused
     with a message naming ``source``.
     """
+    if state and all(key.startswith("module.") for key in state):
+        state = {key.removeprefix("module."): value for key, value in state.items()}
     if "head.0.weight" not in state or "body.0.body.ch_mask" not in state or "tail.0.weight" not in state:
         raise CheckpointError(
             f"{source} is not an SMSR state_dict (no `head.0.weight` / `body.0.body.ch_mask` / `tail.0.weight`)."
@@ -643,7 +645,7 @@ def convert_official_checkpoint(src: str, dst: str, scale: int) -> None:
     if network.scale != scale:
         raise CheckpointError(f"{src} is a ×{network.scale} SMSR checkpoint, but --scale {scale} was given.")
     checkpoint = {
-        "state_dict": {f"network.{key}": value.float().contiguous() for key, value in state.items()},
+        "state_dict": {f"network.{key}": value.contiguous() for key, value in network.state_dict().items()},
         "effsr": {"phase_name": None, "phase_settings": {}, "schedule_values": {}, "structure": {}},
         "smsr_network": network_init_args(network),
         "converted_from": os.path.basename(src),
