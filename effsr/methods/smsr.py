@@ -69,7 +69,7 @@ def _project(rows: Tensor, kernel: Tensor) -> Tensor:
     it is a plain GEMM.
     """
     n_rows, depth = rows.shape
-    if rows.device.type == "cpu" and n_rows and torch.backends.mkldnn.is_available():
+    if rows.device.type == "cpu" and n_rows and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
         as_map = rows.view(1, n_rows, 1, depth).permute(0, 3, 1, 2)
         return F.conv2d(as_map, kernel).permute(0, 2, 3, 1).reshape(n_rows, kernel.shape[0])
     return rows @ kernel.view(kernel.shape[0], depth).t()
