@@ -7,7 +7,9 @@ a condition the module reports, free-form settings the module interprets) and co
 architecture changed it rebuilds the optimizers/LR schedulers and, under DDP, re-wraps the model so the
 reducer knows the new parameter set (frozen or removed parameters would otherwise make DDP fail with
 "Expected to have finished reduction ..."). Its state is in every checkpoint, so ``--ckpt_path last``
-resumes mid-phase.
+resumes mid-phase. A phase setting ``batch_size`` sets the per-rank training batch size
+(``SRDataModule.set_batch_size``) at the phase's start and on a resume inside it; phases without it use
+``data.batch_size``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class Phase:
         until: name of a condition the module reports (``phase_condition``), e.g. ``budget_reached``.
         max_steps: upper bound on an ``until`` phase.
         settings: interpreted by the module: ``lr``, ``trainable`` (parameter-name prefixes), loss
-            weights, ``rebuild_optimizer`` and method-specific keys.
+            weights, ``rebuild_optimizer`` and method-specific keys; ``batch_size`` (per-rank training
+            batch size of the phase, default ``data.batch_size``) is applied to the data module.
     """
 
     name: str
@@ -116,6 +119,11 @@ class PhaseSchedule(Callback):
             if phase.steps is not None and phase.until is not None:
                 raise ConfigError(f"phase '{phase.name}': give either steps or until, not both")
         self.phases = [phase if isinstance(phase, Phase) else Phase(**phase) for phase in phases]
+        for phase in self.phases:
+            size = phase.settings.get("batch_size")
+            if "batch_size" in phase.settings and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                raise ConfigError(f"phase '{phase.name}': settings.batch_size must be an integer >= 1 "
+                                  f"(the per-rank training batch size), got {size!r}")
         self.schedules = [s if isinstance(s, ParamSchedule) else ParamSchedule(**s) for s in (schedules or [])]
         self.check_every = check_every
         self.stop_after_last = stop_after_last
@@ -145,6 +153,14 @@ class PhaseSchedule(Callback):
         total = self.total_steps()
         if stage == "fit" and total is not None and trainer.max_steps == -1:
             trainer.fit_loop.epoch_loop.max_steps = total
+        if stage == "fit":
+            datamodule = getattr(trainer, "datamodule", None)
+            for phase in self.phases:
+                if "batch_size" in phase.settings and not hasattr(datamodule, "set_batch_size"):
+                    raise ConfigError(
+                        f"phase '{phase.name}': settings.batch_size needs a data module with set_batch_size "
+                        f"(effsr's SRDataModule, `data:` in the config), got {type(datamodule).__name__}"
+                    )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.finished:
@@ -152,6 +168,7 @@ class PhaseSchedule(Callback):
         if getattr(pl_module, "phase_name", None) != self.current.name:
             self._enter(trainer, pl_module, self.index, trainer.global_step)
         self._advance_while_due(trainer, pl_module)
+        self._apply_batch_size(trainer)  # also on a resume inside a phase (no _enter then)
         self._push_schedules(trainer, pl_module, log=False)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
@@ -218,8 +235,22 @@ class PhaseSchedule(Callback):
             f"until {phase.until}" if phase.until else "until the end")
         rank_zero_info(f"[effsr] phase {index + 1}/{len(self.phases)} '{phase.name}' starts at step "
                        f"{global_step} ({length})")
+        self._apply_batch_size(trainer)
         if pl_module.enter_phase(phase.name, dict(phase.settings)):
             rebuild_training_setup(trainer)
+
+    def _apply_batch_size(self, trainer: L.Trainer) -> None:
+        """The current phase's ``batch_size`` setting, or ``data.batch_size`` when it has none."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if not hasattr(datamodule, "set_batch_size"):
+            return
+        phase = self.current
+        size = phase.settings.get("batch_size", getattr(datamodule, "batch_size", None))
+        if size is None:
+            return
+        if getattr(datamodule, "train_batch_size", size) != size:
+            rank_zero_info(f"[effsr] phase '{phase.name}': training batch size {size} per rank")
+        datamodule.set_batch_size(size)
 
     def _push_schedules(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool = True) -> None:
         for schedule in self.schedules:

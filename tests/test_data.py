@@ -20,6 +20,7 @@ from effsr.data.datasets import (
     RandomPatchDataset,
     SampleKey,
     SubImageDataset,
+    TrainBatchSampler,
     TrainSampler,
     _CV2Transpose,
     sample_random,
@@ -377,3 +378,34 @@ def test_predict_folder_or_file(tmp_path: Path) -> None:
     assert len(single.predict_dataloader()) == 1
     with pytest.raises(DataError, match="predict_path"):
         SRDataModule(scale=2, predict_path=str(tmp_path / "none"), val_sets=[], num_workers=0).setup("predict")
+
+
+def test_train_batch_sampler_matches_plain_batching_and_changes_size() -> None:
+    sampler = TrainSampler(dataset_size=10, samples_per_epoch=11, seed=3, rank=1, num_replicas=2)  # 5 per rank
+    plain = [[key for key in batch] for batch in DataLoader(list(sampler), batch_size=2, collate_fn=list)]
+    batches = TrainBatchSampler(sampler, 2)
+    assert len(batches) == 3 and list(batches) == plain  # [2, 2, 1]: same batches as batch_size=2
+    keys = iter(batches)
+    first = next(keys)
+    batches.set_batch_size(4)
+    rest = list(keys)
+    assert [len(batch) for batch in [first, *rest]] == [2, 4, 4]  # epoch length stays 3 steps; batches full
+    drawn = [key for batch in [first, *rest] for key in batch]
+    assert [key.position for key in drawn] == list(range(1, 20, 2))  # rank 1: positions 1, 3, 5, ... continued
+    assert drawn[:5] == list(sampler)
+    assert [len(batch) for batch in TrainBatchSampler(sampler, 2, 1)] == [1, 1, 1]
+    with pytest.raises(ConfigError, match="batch size"):
+        batches.set_batch_size(0)
+
+
+def test_datamodule_set_batch_size_without_rebuilding_the_loader(tmp_path: Path) -> None:
+    data = SRDataModule(scale=2, train=str(hr_folder(tmp_path / "hr", [(64, 64)] * 2)), lr_patch_size=8,
+                        batch_size=2, samples_per_epoch=8, num_workers=0, cache_dir=str(tmp_path / "cache"),
+                        val_sets=())
+    data.set_batch_size(3)  # before the loader exists: applied when it is built
+    loader = data.train_dataloader()
+    assert len(loader) == 4 and [batch["lr"].shape[0] for batch in loader] == [3] * 4
+    data.set_batch_size(data.batch_size)
+    assert [batch["lr"].shape[0] for batch in loader] == [2] * 4
+    with pytest.raises(ConfigError, match="batch size"):
+        data.set_batch_size(-1)

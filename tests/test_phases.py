@@ -7,20 +7,23 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from effsr.cli import EffSRCLI
-from effsr.phases import ParamSchedule
+from effsr.errors import ConfigError
+from effsr.phases import ParamSchedule, Phase, PhaseSchedule
 
 TESTS = Path(__file__).parent
 CONFIG = TESTS / "configs" / "toy_phases.yaml"
+BATCH_CONFIG = TESTS / "configs" / "toy_batch_phases.yaml"
 
 
-def _fit(root: Path, *extra: str) -> EffSRCLI:
+def _fit(root: Path, *extra: str, config: Path = CONFIG) -> EffSRCLI:
     sys.path.insert(0, str(TESTS))
-    return EffSRCLI(args=["fit", "--config", str(CONFIG), "--trainer.default_root_dir", str(root), *extra])
+    return EffSRCLI(args=["fit", "--config", str(config), "--trainer.default_root_dir", str(root), *extra])
 
 
 def _final_weights(root: Path) -> dict[str, torch.Tensor]:
@@ -98,3 +101,46 @@ def test_ddp_two_processes_phases_and_resume(tmp_path: Path) -> None:
     resumed = _ddp_fit(tmp_path / "killed", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_weights(_final_weights(tmp_path / "straight"), _final_weights(tmp_path / "killed"))
+
+
+# ----------------------------------------------------------------------------- per-phase batch size
+def _batch_sizes(root: Path, *extra: str) -> tuple[EffSRCLI, dict[int, int]]:
+    record = root / "batches.json"
+    cli = _fit(root, "--trainer.callbacks+=toy_phases.BatchSizeRecorder",
+               f"--trainer.callbacks.init_args.path={record}", *extra, config=BATCH_CONFIG)
+    records = json.loads(record.read_text())
+    assert all(lr == hr for _, lr, hr in records)
+    return cli, {step: lr for step, lr, _ in records}
+
+
+def test_phase_batch_size_changes_at_the_boundary_and_resumes(tmp_path: Path) -> None:
+    cli, sizes = _batch_sizes(tmp_path / "straight")
+    assert cli.trainer.global_step == 16
+    # num_workers 0: exact at the boundaries (small 0-5 at data.batch_size 2, large 6-11 at 3, back 12-15 at 2)
+    assert sizes == {step: 3 if 6 <= step < 12 else 2 for step in range(16)}
+    assert cli.datamodule.train_batch_size == 2 and cli.datamodule.batch_size == 2
+    assert cli.trainer.num_training_batches == 4  # the epoch length in steps follows data.batch_size
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        _fit(tmp_path / "killed", "--trainer.callbacks+=toy_phases.KillAtStep", "--trainer.callbacks.init_args.step=10",
+             config=BATCH_CONFIG)
+    killed = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert killed["global_step"] == 8 and killed["effsr"]["phase_name"] == "large"
+    resumed, resumed_sizes = _batch_sizes(tmp_path / "killed", "--ckpt_path", "last")
+    assert resumed.trainer.global_step == 16
+    assert resumed_sizes == {step: 3 if step < 12 else 2 for step in range(8, 16)}
+    _assert_same_weights(_final_weights(tmp_path / "straight"), _final_weights(tmp_path / "killed"))
+
+
+@pytest.mark.parametrize("value", [0, -4, 2.5, "96", True])
+def test_phase_batch_size_rejects_bad_values(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"phase 'classifier': settings.batch_size"):
+        PhaseSchedule([Phase("branches", 5), Phase("classifier", 5, settings={"batch_size": value})])
+
+
+def test_phase_batch_size_needs_a_datamodule_with_set_batch_size() -> None:
+    schedule = PhaseSchedule([Phase("branches"), Phase("classifier", settings={"batch_size": 96})])
+    module = SimpleNamespace(enter_phase=lambda name, settings: False)
+    with pytest.raises(ConfigError, match=r"phase 'classifier': settings.batch_size needs a data module"):
+        schedule.setup(SimpleNamespace(datamodule=None, max_steps=-1), module, "fit")
+    schedule.setup(SimpleNamespace(datamodule=None, max_steps=-1), module, "validate")

@@ -97,3 +97,16 @@ class KillAtStep(L.Callback):
                              batch_idx: int) -> None:
         if trainer.global_step >= self.step:
             raise RuntimeError(f"simulated kill at step {trainer.global_step}")
+
+
+class BatchSizeRecorder(L.Callback):
+    """Writes ``[[global_step, batch size the module receives], ...]`` to a JSON file after every batch."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.records: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.records.append([trainer.global_step, int(batch["lr"].shape[0]), int(batch["hr"].shape[0])])
+        self.path.write_text(json.dumps(self.records))

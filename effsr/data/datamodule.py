@@ -21,6 +21,7 @@ from effsr.data.datasets import (
     RandomPatchDataset,
     SubImageDataset,
     SubImageView,
+    TrainBatchSampler,
     TrainSampler,
     check_scale,
     predict_paths,
@@ -51,8 +52,11 @@ class SRDataModule(L.LightningDataModule):
         test_sets: test sets, same forms as ``val_sets``.
         predict_path: an LR image or a folder of LR images for ``predict``.
         lr_patch_size: LR side of a random training patch (HR side = ``lr_patch_size * scale``).
-        batch_size: training batch size per rank.
-        samples_per_epoch: training samples per epoch over all ranks (each rank draws ``// world size``).
+        batch_size: training batch size per rank; a pipeline phase may change it (``set_batch_size``,
+            phase setting ``batch_size``).
+        samples_per_epoch: training samples per epoch over all ranks (each rank draws ``// world size``);
+            with ``batch_size`` this fixes the epoch length in steps, ``ceil(samples_per_epoch // world size
+            / batch_size)``, which phases with another batch size keep (drawing more or fewer samples).
         num_workers: DataLoader worker processes (also threads used to build the cache).
         train_crop: ``random`` LR-grid-aligned crops, or ``grid`` fixed sub-images (ClassSR).
         hr_subimage_size: HR side of a grid sub-image (LR = ``// scale``).
@@ -128,6 +132,8 @@ class SRDataModule(L.LightningDataModule):
         self._eval_stage = "validate"
         self._train_subset: np.ndarray | None = None
         self._train_sampler: TrainSampler | None = None
+        self._train_batch_sampler: TrainBatchSampler | None = None
+        self._train_batch_size = batch_size
 
     # --------------------------------------------------------------------------------- resolving
     def _eval_sources(self, entries: Sequence[str], limit: int | None) -> list[tuple[str, list[PairSource]]]:
@@ -258,6 +264,24 @@ class SRDataModule(L.LightningDataModule):
         if self._train_sampler is not None:
             self._train_sampler.set_subset(self._train_subset)
 
+    @property
+    def train_batch_size(self) -> int:
+        """The per-rank batch size of the training batches drawn now (``data.batch_size`` unless changed)."""
+        return self._train_batch_size
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """Per-rank training batch size from the next batch drawn on, without rebuilding the loader.
+
+        Like :meth:`set_train_subset`, batches the DataLoader already prefetched (up to
+        ``num_workers * prefetch_factor``) keep the old size. The epoch length in steps stays that of
+        ``data.batch_size``; ``set_batch_size(self.batch_size)`` restores the configured size.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+            raise ConfigError(f"the training batch size must be an integer >= 1, got {batch_size!r}")
+        self._train_batch_size = int(batch_size)
+        if self._train_batch_sampler is not None:
+            self._train_batch_sampler.set_batch_size(self._train_batch_size)
+
     def _require_train(self) -> RandomPatchDataset | SubImageDataset:
         if self.train_dataset is None:
             self.setup("fit")
@@ -273,12 +297,17 @@ class SRDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        """Batches ``{"lr", "hr", "index"}`` drawn by a rank-aware, seeded TrainSampler."""
+        """Batches ``{"lr", "hr", "index"}`` drawn by a rank-aware, seeded TrainSampler.
+
+        The batches come from a :class:`TrainBatchSampler`: its length (steps per epoch) follows
+        ``data.batch_size``, the size of each batch the current ``set_batch_size``.
+        """
         dataset = self._require_train()
         self._train_sampler = TrainSampler(len(dataset), self.samples_per_epoch, self.seed)
         if self._train_subset is not None:
             self._train_sampler.set_subset(self._train_subset)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=self._train_sampler, **self._loader_kwargs())
+        self._train_batch_sampler = TrainBatchSampler(self._train_sampler, self.batch_size, self._train_batch_size)
+        return DataLoader(dataset, batch_sampler=self._train_batch_sampler, **self._loader_kwargs())
 
     def _eval_loaders(self, datasets: list[EvalDataset]) -> list[DataLoader]:
         kwargs = self._loader_kwargs()

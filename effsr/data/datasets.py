@@ -22,6 +22,8 @@ transforms have p = 1, so albumentations' own RNG state never matters.
 
 from __future__ import annotations
 
+import itertools
+import math
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -498,11 +500,21 @@ class TrainSampler(Sampler[SampleKey]):
         return self.samples_per_epoch // self.num_replicas
 
     def __iter__(self):
+        return self.draws(len(self))
+
+    def draws(self, count: int | None = None):
+        """This rank's draws of the current epoch in order: the first ``count`` (None: unbounded).
+
+        Past ``len(self)`` the draw order continues with further seeded permutations of the pool, so a
+        :class:`TrainBatchSampler` whose batches grew can take more than ``samples_per_epoch`` in an epoch.
+        """
         epoch, version = self.epoch, None
         pool: np.ndarray = np.zeros(0, dtype=np.int64)
         permutations: dict[int, np.ndarray] = {}
         pool_key = 0
-        for position in range(self.rank, len(self) * self.num_replicas, self.num_replicas):
+        positions = itertools.count(self.rank, self.num_replicas) if count is None else range(
+            self.rank, count * self.num_replicas, self.num_replicas)
+        for position in positions:
             if version != self._subset_version:
                 version = self._subset_version
                 pool = np.arange(self.dataset_size) if self.subset is None else self.subset
@@ -514,6 +526,46 @@ class TrainSampler(Sampler[SampleKey]):
                 generator = np.random.default_rng([self.seed, epoch, cycle, pool_key])
                 permutation = permutations[cycle] = generator.permutation(len(pool))
             yield SampleKey(epoch, position, int(pool[permutation[offset]]))
+
+
+class TrainBatchSampler(Sampler[list[SampleKey]]):
+    """Batches of a :class:`TrainSampler` whose per-rank batch size can change mid-run (``set_batch_size``).
+
+    An epoch is a fixed number of steps, ``ceil(len(sampler) / base_batch_size)`` (what the trainer counts
+    with); every step takes the next ``batch_size`` draws of the sampler's order. At ``base_batch_size``
+    the epoch's last batch is partial exactly as in ``DataLoader(batch_size=base_batch_size,
+    sampler=sampler)`` (same batches when the size never changes); at another size every batch is full,
+    so an epoch draws proportionally more or fewer samples. A change takes effect at the next batch drawn
+    (minus what the DataLoader already prefetched), like :meth:`TrainSampler.set_subset`.
+    """
+
+    def __init__(self, sampler: TrainSampler, base_batch_size: int, batch_size: int | None = None) -> None:
+        self.sampler = sampler  # Lightning calls sampler.set_epoch through batch_sampler.sampler
+        self.base_batch_size = self._check(base_batch_size)
+        self.batch_size = self._check(base_batch_size if batch_size is None else batch_size)
+
+    @staticmethod
+    def _check(batch_size: int) -> int:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+            raise ConfigError(f"the training batch size must be an integer >= 1, got {batch_size!r}")
+        return int(batch_size)
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """Per-rank batch size of the batches drawn from now on."""
+        self.batch_size = self._check(batch_size)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.base_batch_size)
+
+    def __iter__(self):
+        draws = self.sampler.draws(None)
+        steps = len(self)
+        last = len(self.sampler) - (steps - 1) * self.base_batch_size  # in (0, base_batch_size]
+        for step in range(steps):
+            size = self.batch_size
+            if step == steps - 1 and size == self.base_batch_size:
+                size = last
+            yield list(itertools.islice(draws, size))
 
 
 class EvalSampler(Sampler[int]):
