@@ -16,18 +16,14 @@ from effsr.data.cache import ArrayCache, CachedPair, PairSource, default_cache_d
 from effsr.data.datasets import (
     EvalDataset,
     EvalSampler,
-    LRSource,
     PredictDataset,
     RandomPatchDataset,
     SubImageDataset,
     SubImageView,
     TrainBatchSampler,
     TrainSampler,
-    check_scale,
-    predict_paths,
-    resolve_eval_set,
-    resolve_train_sources,
 )
+from effsr.data.sources import LRSource, check_scale, predict_paths, resolve_eval_set, resolve_train_sources
 from effsr.errors import ConfigError
 
 TrainCrop = Literal["random", "grid"]
