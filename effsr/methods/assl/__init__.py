@@ -1,0 +1,26 @@
+"""ASSL (Zhang et al., NeurIPS 2021): aligned structured sparsity learning; see docs/assl.md."""
+
+from effsr.methods.assl.module import (  # noqa: F401  (first step of the split: module.py is the old assl.py)
+    ASSLModule,
+    ChannelGroup,
+    ChannelStructure,
+    FusedConv2d,
+    GrowingL2,
+    WNConv2d,
+    analyze_channels,
+    apply_shapes,
+    compute_plan,
+    conv_shapes,
+    convert_to_weight_norm,
+    deploy_network,
+    filter_scales,
+    fold_weight_norm,
+    group_importance,
+    load_dense_weights,
+    mask_network,
+    num_kept,
+    prune_network,
+    pruned_indices,
+    ssa_loss,
+    top_indices,
+)
