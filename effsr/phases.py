@@ -23,6 +23,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
 from effsr.errors import ConfigError
 
@@ -37,7 +38,8 @@ class Phase:
         until: name of a condition the module reports (``phase_condition``), e.g. ``budget_reached``.
         max_steps: upper bound on an ``until`` phase.
         settings: interpreted by the module: ``lr``, ``trainable`` (parameter-name prefixes), loss
-            weights, ``rebuild_optimizer`` and method-specific keys; ``batch_size`` (per-rank training
+            weights, ``rebuild_optimizer``, ``keep_optimizer_state`` (a rebuilt optimizer takes over the state
+            of the parameters that persist) and method-specific keys; ``batch_size`` (per-rank training
             batch size of the phase, default ``data.batch_size``) is applied to the data module.
     """
 
@@ -237,7 +239,8 @@ class PhaseSchedule(Callback):
                        f"{global_step} ({length})")
         self._apply_batch_size(trainer)
         if pl_module.enter_phase(phase.name, dict(phase.settings)):
-            rebuild_training_setup(trainer)
+            settings = getattr(pl_module, "phase_settings", phase.settings)  # the module may default the key
+            rebuild_training_setup(trainer, keep_optimizer_state=bool(settings.get("keep_optimizer_state", False)))
 
     def _apply_batch_size(self, trainer: L.Trainer) -> None:
         """The current phase's ``batch_size`` setting, or ``data.batch_size`` when it has none."""
@@ -264,17 +267,28 @@ class PhaseSchedule(Callback):
                               batch_size=1)
 
 
-def rebuild_training_setup(trainer: L.Trainer) -> None:
+def rebuild_training_setup(trainer: L.Trainer, keep_optimizer_state: bool = False) -> None:
     """Re-creates optimizers/LR schedulers and, under DDP, the DistributedDataParallel wrapper.
 
     Needed whenever the set of trainable parameters or the architecture changed: DDP's reducer holds
     the parameters it wrapped, and optimizer state of removed parameters must not leak into a new phase.
+    With ``keep_optimizer_state`` (phase setting) the per-parameter state (e.g. Adam's moments and step) of
+    parameters that are still trained moves to the new optimizer, as if one optimizer ran through the phases.
     """
     strategy = trainer.strategy
+    previous = {parameter: state for optimizer in strategy.optimizers for parameter, state in optimizer.state.items()}
     if isinstance(strategy, DDPStrategy) and strategy.model is not strategy.lightning_module:
         strategy.model = strategy.lightning_module
         strategy.configure_ddp()
     strategy.setup_optimizers(trainer)
+    if keep_optimizer_state:
+        for optimizer in strategy.optimizers:
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    state = previous.get(parameter)
+                    if state is not None and all(value.shape == parameter.shape for value in state.values()
+                                                 if isinstance(value, Tensor) and value.dim() > 0):
+                        optimizer.state[parameter] = state
     _optimizers_to_device(strategy.optimizers, strategy.root_device)
 
 
