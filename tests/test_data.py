@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from effsr.data import SRDataModule
 from effsr.data.cache import ArrayCache, PairSource
+from effsr.data.cli import data_main
 from effsr.data.datasets import (
     DihedralAugment,
     EvalSampler,
@@ -23,11 +24,13 @@ from effsr.data.datasets import (
     TrainBatchSampler,
     TrainSampler,
     _CV2Transpose,
+    min_eval_hr_size,
     sample_random,
 )
 from effsr.data.io import read_image, write_image
 from effsr.data.sample import SAMPLE_HELDOUT, SAMPLE_TRAIN
 from effsr.errors import ConfigError, DataError
+from effsr.metrics import ssim
 from effsr.ops.imresize import bicubic_degrade
 
 
@@ -409,3 +412,160 @@ def test_datamodule_set_batch_size_without_rebuilding_the_loader(tmp_path: Path)
     assert [batch["lr"].shape[0] for batch in loader] == [2] * 4
     with pytest.raises(ConfigError, match="batch size"):
         data.set_batch_size(-1)
+
+
+# ------------------------------------------------------------------------------------------ eval image sizes
+def test_eval_image_too_small_for_the_protocol_is_a_data_error_naming_it(tmp_path: Path) -> None:
+    assert [min_eval_hr_size(scale) for scale in (2, 3, 4)] == [16, 18, 20]
+    for scale in (2, 3, 4):  # the minimum is tight: SSIM runs at it and fails one LR pixel below it
+        side = min_eval_hr_size(scale)
+        image = torch.rand(1, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(scale))
+        assert torch.allclose(ssim(image, image, crop_border=scale), torch.ones(1, dtype=torch.float64))
+        with pytest.raises(RuntimeError):
+            ssim(image[..., : side - scale, :], image[..., : side - scale, :], crop_border=scale)
+    write_image(tmp_path / "Small" / "big.png", photo(40, 40))
+    write_image(tmp_path / "Small" / "tiny.png", photo(7, 9))  # x4: mod-cropped to 8x4
+    settings: dict = {"scale": 4, "cache_dir": str(tmp_path / "c"), "num_workers": 0}
+    with pytest.raises(DataError, match=r"tiny\.png.*'Small'.*8x4 after mod-crop.*at least 20x20"):
+        SRDataModule(**settings, val_sets=[], test_sets=[str(tmp_path / "Small")]).setup("test")
+    with pytest.raises(DataError, match=r"tiny\.png"):  # also when validating, and by `effsr data prepare`
+        SRDataModule(**settings, val_sets=[str(tmp_path / "Small")]).build_cache("validate")
+    write_image(tmp_path / "Edge" / "edge.png", photo(23, 20))  # x4: 20x20 after mod-crop, the minimum
+    edge = SRDataModule(**settings, val_sets=[], test_sets=[str(tmp_path / "Edge")])
+    edge.setup("test")
+    assert [tuple(batch["hr"].shape[2:]) for batch in edge.test_dataloader()[0]] == [(20, 20)]
+
+
+# ------------------------------------------------------------------------------------------ benchmark layouts
+def _shipped_lr(hr: np.ndarray, scale: int) -> np.ndarray:
+    """An LR file as a release ships it, made to differ from effsr's own bicubic (+1 where possible)."""
+    lr = bicubic_degrade(hr, scale)[1]
+    return np.where(lr < 255, lr + 1, lr - 1).astype(np.uint8)
+
+
+def _eval_lr(entry: str, scale: int, cache: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(set names, {image name: LR used}) of a test set entry."""
+    module = SRDataModule(scale=scale, val_sets=[], test_sets=[entry], cache_dir=str(cache), num_workers=0)
+    module.setup("test")
+    images = {batch["name"][0]: batch["lr"][0].permute(1, 2, 0).numpy() for batch in module.test_dataloader()[0]}
+    return module.eval_set_names, images
+
+
+def test_classsr_release_layout_uses_its_lr_whichever_folder_is_given(tmp_path: Path) -> None:
+    root = tmp_path / "Test2K"
+    shipped: dict[tuple[int, str], np.ndarray] = {}
+    for scale, size in ((4, (48, 64)), (2, (40, 44))):
+        for number, name in enumerate(("1201", "1202")):
+            hr = photo(*size, offset=7 * number + scale)
+            write_image(root / "HR" / f"X{scale}" / f"{name}.png", hr)
+            shipped[scale, name] = _shipped_lr(hr, scale)
+            write_image(root / "LR" / f"X{scale}" / f"{name}.png", shipped[scale, name])
+    hr_x4 = root / "HR" / "X4"
+    for entry in (root, root / "HR", hr_x4, f"{hr_x4}:{root / 'LR' / 'X4'}"):
+        names, images = _eval_lr(str(entry), 4, tmp_path / "c")
+        assert names == ["Test2K"] and sorted(images) == ["1201", "1202"]
+        for name, lr in images.items():
+            assert np.array_equal(lr, read_image(root / "LR" / "X4" / f"{name}.png"))
+            assert np.array_equal(lr, shipped[4, name])
+            assert not np.array_equal(lr, bicubic_degrade(read_image(hr_x4 / f"{name}.png"), 4)[1])
+    names, images = _eval_lr(str(root), 2, tmp_path / "c")  # the scale picks HR/X2 and LR/X2
+    assert names == ["Test2K"] and all(np.array_equal(lr, shipped[2, name]) for name, lr in images.items())
+    with pytest.raises(DataError, match=r"X4.*data\.scale is 2"):
+        _eval_lr(str(hr_x4), 2, tmp_path / "c")
+    with pytest.raises(DataError, match=r"no X3 folder.*X2, X4"):
+        _eval_lr(str(root), 3, tmp_path / "c")
+    (root / "LR" / "X4" / "1202.png").unlink()
+    with pytest.raises(DataError, match=r"LR/X4 has no LR image for .*HR/X4/1202\.png"):
+        _eval_lr(str(root), 4, tmp_path / "c")
+
+
+def test_edsr_benchmark_layout_uses_lr_bicubic_of_the_scale(tmp_path: Path) -> None:
+    root = tmp_path / "benchmark" / "Set5"
+    hrs = {"baby": photo(36, 48), "bird": photo(48, 36, offset=20)}
+    shipped: dict[tuple[int, str], np.ndarray] = {}
+    for name, hr in hrs.items():
+        write_image(root / "HR" / f"{name}.png", hr)
+        for scale in (2, 3):
+            shipped[scale, name] = _shipped_lr(hr, scale)
+            stem = f"{name}x{scale}" if name == "baby" else name  # both LR naming schemes
+            write_image(root / "LR_bicubic" / f"X{scale}" / f"{stem}.png", shipped[scale, name])
+    for entry, scale in ((root, 2), (root / "HR", 2), (root, 3)):
+        names, images = _eval_lr(str(entry), scale, tmp_path / "c")
+        assert names == ["Set5"] and sorted(images) == ["baby", "bird"]
+        for name, lr in images.items():
+            assert np.array_equal(lr, shipped[scale, name])
+            assert not np.array_equal(lr, bicubic_degrade(hrs[name], scale)[1])
+    (root / "LR_bicubic" / "X2" / "babyx2.png").unlink()
+    with pytest.raises(DataError, match=r"LR_bicubic/X2 has no LR image for .*HR/baby\.png.*lr_source=generated"):
+        _eval_lr(str(root), 2, tmp_path / "c")
+
+
+# ------------------------------------------------------------------------------------------ training lists
+def _two_train_folders(tmp_path: Path) -> tuple[Path, Path]:
+    """Folders A (img00, img01) and B (img00 with other content): equal names must stay apart."""
+    write_image(tmp_path / "A" / "img00.png", photo(64, 64))
+    write_image(tmp_path / "A" / "img01.png", photo(64, 80, offset=30))
+    write_image(tmp_path / "B" / "img00.png", photo(80, 64, offset=60))
+    return tmp_path / "A", tmp_path / "B"
+
+
+def test_train_list_concatenates_folders_and_named_sets(tmp_path: Path) -> None:
+    first, second = _two_train_folders(tmp_path)
+    write_image(tmp_path / "root" / "DIV2K" / "DIV2K_train_HR" / "0001.png", photo(48, 48, offset=90))
+    settings: dict = {"scale": 2, "val_sets": [], "cache_dir": str(tmp_path / "c"), "num_workers": 0,
+                      "lr_patch_size": 8, "samples_per_epoch": 12, "batch_size": 4}
+    mixed = SRDataModule(**settings, train=[str(first), "div2k", str(second)], data_root=str(tmp_path / "root"))
+    mixed.setup("fit")
+    files = [first / "img00.png", first / "img01.png", tmp_path / "root" / "DIV2K" / "DIV2K_train_HR" / "0001.png",
+             second / "img00.png"]
+    pairs = mixed.train_dataset.store.pairs
+    assert [pair.source.hr_path for pair in pairs] == files
+    assert [pair.name for pair in pairs] == ["A/img00", "A/img01", "div2k/0001", "B/img00"]
+    assert len({pair.hr_file for pair in pairs}) == 4  # one cache entry per file, equal names included
+    for index, path in enumerate(files):  # index i of the combined set is file i
+        assert np.array_equal(mixed.train_dataset.store.arrays(index)[0], read_image(path))
+    indices = torch.cat([batch["index"] for batch in mixed.train_dataloader()])
+    assert sorted(indices.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # 12 draws = 3 permutations of 4
+
+
+def test_train_list_grid_subimage_indices_are_offsets_of_each_folder(tmp_path: Path) -> None:
+    first, second = _two_train_folders(tmp_path)
+    settings: dict = {"scale": 2, "val_sets": [], "cache_dir": str(tmp_path / "c"), "num_workers": 0,
+                      "train_crop": "grid", "hr_subimage_size": 32, "hr_subimage_step": 16}
+    alone = []
+    for folder in (first, second):
+        module = SRDataModule(**settings, train=str(folder))
+        module.setup("fit")
+        alone.append(module)
+    both = SRDataModule(**settings, train=[str(first), str(second)])
+    both.setup("fit")
+    count = alone[0].num_subimages
+    assert both.num_subimages == count + alone[1].num_subimages
+    for index in range(both.num_subimages):
+        source, local = (alone[0], index) if index < count else (alone[1], index - count)
+        lr, hr = both.subimage(index)
+        expected_lr, expected_hr = source.subimage(local)
+        assert np.array_equal(lr, expected_lr) and np.array_equal(hr, expected_hr)
+    scored = torch.cat([batch["index"] for batch in both.subimage_dataloader(batch_size=8)])
+    assert scored.tolist() == list(range(both.num_subimages))
+
+
+def test_train_list_errors_name_the_entry(tmp_path: Path) -> None:
+    first, _ = _two_train_folders(tmp_path)
+    settings: dict = {"scale": 2, "val_sets": [], "cache_dir": str(tmp_path / "c"), "num_workers": 0}
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=rf"data\.train entry '{missing}'.*does not exist"):
+        SRDataModule(**settings, train=[str(first), missing]).setup("fit")
+    with pytest.raises(ConfigError, match=r"img00\.png twice"):
+        SRDataModule(**settings, train=[str(first), str(first)]).setup("fit")
+    with pytest.raises(ConfigError, match="empty list"):
+        SRDataModule(**settings, train=[]).setup("fit")
+
+
+def test_train_list_parses_on_the_command_line(tmp_path: Path) -> None:
+    first, second = _two_train_folders(tmp_path)
+    cache = tmp_path / "c"
+    code = data_main(["prepare", "--stage", "fit", "--data.train", f"[{first}, {second}]", "--data.val_sets", "[]",
+                      "--data.scale", "2", "--data.cache_dir", str(cache), "--data.num_workers", "0"])
+    assert code == 0
+    assert len(list((cache / "arrays" / "x2").glob("*.hr.npy"))) == 3  # A's two images and B's one

@@ -22,6 +22,7 @@ from effsr.data.datasets import (
     SubImageView,
     TrainBatchSampler,
     TrainSampler,
+    check_eval_images,
 )
 from effsr.data.sources import LRSource, check_scale, predict_paths, resolve_eval_set, resolve_train_sources
 from effsr.errors import ConfigError
@@ -41,10 +42,14 @@ class SRDataModule(L.LightningDataModule):
     Args:
         scale: upscaling factor (integer >= 2; official LR files exist for 2, 3, 4).
         train: training source: ``sample`` | ``div2k`` | ``flickr2k`` | ``df2k`` (under ``data_root``) | a
-            folder of HR images (``HR_DIR`` or ``HR_DIR:LR_DIR``).
+            folder of HR images (``HR_DIR`` or ``HR_DIR:LR_DIR``), or a list of these, concatenated in order
+            (``[div2k, /data/extra]``; indices of the first entry stay as they are alone).
         data_root: folder holding ``DIV2K/`` and ``Flickr2K/`` (conventions.md layout).
         val_sets: validation sets: ``sample`` (held-out sample photos), ``div2k_valid``, or HR folders
-            (set name = folder name; ``HR_DIR:LR_DIR``; an ``HR`` folder beside ``LR_bicubic/X<s>`` uses it).
+            (set name = folder name; ``HR_DIR:LR_DIR``; the benchmark layouts ``Set5/HR`` +
+            ``Set5/LR_bicubic/X<s>`` and ClassSR's ``Test2K/HR/X<s>`` + ``Test2K/LR/X<s>`` use the shipped LR,
+            given as the set folder or its ``HR`` folder). Images below ``min_eval_hr_size(scale)`` (x4: 20
+            pixels a side) are an error.
         test_sets: test sets, same forms as ``val_sets``.
         predict_path: an LR image or a folder of LR images for ``predict``.
         lr_patch_size: LR side of a random training patch (HR side = ``lr_patch_size * scale``).
@@ -70,7 +75,7 @@ class SRDataModule(L.LightningDataModule):
     def __init__(
         self,
         scale: int = 4,
-        train: str = "sample",
+        train: str | list[str] = "sample",
         data_root: str | None = None,
         val_sets: Sequence[str] = ("sample",),
         test_sets: Sequence[str] = (),
@@ -167,10 +172,12 @@ class SRDataModule(L.LightningDataModule):
         return self.cache.build_all(sources, rescales, self.num_workers, self._progress("train"))
 
     def _eval_entries(self, entries: Sequence[str], limit: int | None) -> list[tuple[str, list[CachedPair]]]:
-        return [
-            (name, self.cache.build_all(pairs, (1.0,), self.num_workers, self._progress(name)))
-            for name, pairs in self._eval_sources(entries, limit)
-        ]
+        sets = []
+        for name, pairs in self._eval_sources(entries, limit):
+            cached = self.cache.build_all(pairs, (1.0,), self.num_workers, self._progress(name))
+            check_eval_images(name, cached, self.scale)
+            sets.append((name, cached))
+        return sets
 
     # --------------------------------------------------------------------------------- Lightning hooks
     def prepare_data(self) -> None:

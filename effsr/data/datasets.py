@@ -254,6 +254,30 @@ class SubImageView(Dataset):
         return {"lr": to_chw_tensor(lr), "hr": to_chw_tensor(hr), "index": torch.tensor(index, dtype=torch.int64)}
 
 
+SSIM_WINDOW = 11  # side of the Gaussian window of effsr.metrics.ssim (valid region only)
+
+
+def min_eval_hr_size(scale: int) -> int:
+    """Smallest HR side an evaluation image may have at ``scale``: after mod-crop and the ``scale``-pixel
+    border crop of the protocol, SSIM's 11x11 window must still fit (x2: 16, x3: 18, x4: 20)."""
+    return scale * math.ceil((2 * scale + SSIM_WINDOW) / scale)
+
+
+def check_eval_images(name: str, pairs: Sequence[CachedPair], scale: int) -> None:
+    """Raises DataError for an image of eval set ``name`` too small to be scored (before any model runs)."""
+    minimum = min_eval_hr_size(scale)
+    for pair in pairs:
+        hr, _ = pair.load()
+        height, width = int(hr.shape[0]), int(hr.shape[1])
+        if min(height, width) < minimum:
+            raise DataError(
+                f"evaluation image {pair.source.hr_path} of set {name!r} is {width}x{height} after mod-crop at "
+                f"x{scale}, too small to score: at x{scale} the protocol needs at least {minimum}x{minimum} HR "
+                f"pixels (mod-crop to {scale}, {scale} border pixels cropped on each side, SSIM's "
+                f"{SSIM_WINDOW}x{SSIM_WINDOW} window): remove it from the set"
+            )
+
+
 class EvalDataset(Dataset):
     """Whole mod-cropped images of one evaluation set: ``{"lr", "hr", "name"}``."""
 
