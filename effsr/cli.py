@@ -221,7 +221,7 @@ Train / evaluate:   effsr fit --config experiments/smsr_x4.yaml
                     effsr test --config experiments/smsr_x4.yaml --ckpt_path runs/.../last.ckpt
 Resume a run:       effsr fit --config X.yaml --ckpt_path last
 Multi-GPU:          effsr fit --config X.yaml --config experiments/trainer/ddp.yaml
-Other commands:     effsr profile | convert | data | demo   (each with --help)
+Other commands:     effsr profile | compare | convert | data | demo   (each with --help)
 """
 
 
@@ -330,6 +330,10 @@ def main(args: list[str] | None = None) -> int:
             from effsr.demo import demo_main
 
             return demo_main(rest)
+        if command == "compare":
+            from effsr.compare import compare_main
+
+            return compare_main(rest)
         EffSRCLI(args=None if args is None else argv)  # None: LightningCLI reads sys.argv itself
         return 0
     except EffSRError as error:
