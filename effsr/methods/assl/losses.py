@@ -4,23 +4,35 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from effsr.errors import ConfigError
 
-def ssa_loss(gammas: Sequence[Tensor], num_pruned: int) -> Tensor:
-    """Sparsity-structure alignment: −mean(S·Sᵀ) with S_l = sigmoid(|γ_l| − t_l) stacked over layers.
+SSAThreshold = Literal["kept", "detached"]
 
-    ``t_l`` is layer l's pruning threshold: its ``num_pruned``-th smallest |γ| (detached). Minimising the
-    loss pushes the layers' soft keep-masks to agree on which channels survive.
+
+def ssa_loss(gammas: Sequence[Tensor], num_pruned: int, threshold: SSAThreshold = "kept") -> Tensor:
+    """Sparsity-structure alignment: −mean(S·Sᵀ) with S_l = sigmoid(x_l − t_l) stacked over layers.
+
+    ``threshold="kept"`` (official ASSL code): x_l = γ_l (signed) and t_l = the γ of layer l's smallest kept
+    filter (sorted position ``num_pruned``), not detached, so t_l's gradient lands on that boundary filter.
+    ``"detached"`` (effsr's earlier form): x_l = |γ_l| and t_l = its ``num_pruned``-th smallest |γ|, detached.
+    Minimising the loss pushes the layers' soft keep-masks to agree on which channels survive.
     """
+    if threshold not in ("kept", "detached"):
+        raise ConfigError(f"ASSL ssa_threshold must be 'kept' or 'detached', got {threshold!r}")
     masks = []
     for gamma in gammas:
+        if threshold == "kept":
+            boundary = torch.argsort(gamma.detach(), stable=True)[num_pruned]
+            masks.append(torch.sigmoid(gamma - gamma[boundary]))
+            continue
         magnitude = gamma.abs()
-        threshold = magnitude.detach().kthvalue(num_pruned).values if num_pruned > 0 else magnitude.detach().min()
-        masks.append(torch.sigmoid(magnitude - threshold))
+        cut = magnitude.detach().kthvalue(num_pruned).values if num_pruned > 0 else magnitude.detach().min()
+        masks.append(torch.sigmoid(magnitude - cut))
     stacked = torch.stack(masks)
     return -(stacked @ stacked.t()).mean()
 

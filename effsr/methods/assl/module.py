@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from effsr.errors import CheckpointError, ConfigError
 from effsr.methods.assl.channels import ChannelGroup, ChannelStructure, analyze_channels
 from effsr.methods.assl.deploy import _autocast_enabled, _DeployCache, _fingerprint, deploy_network
-from effsr.methods.assl.losses import GrowingL2, ssa_loss
+from effsr.methods.assl.losses import GrowingL2, SSAThreshold, ssa_loss
 from effsr.methods.assl.plan import Ranking, group_importance, num_kept, pruned_indices, top_indices
 from effsr.methods.assl.surgery import apply_shapes, conv_shapes, prune_network
-from effsr.methods.assl.weight_norm import convert_to_weight_norm
+from effsr.methods.assl.weight_norm import WNConv2d, convert_to_weight_norm
 from effsr.models.base import SRModule, _default_optimizer
 
 PHASES = ("dense", "ssa", "regularize", "stabilize", "prune", "finetune")
@@ -45,6 +45,12 @@ class ASSLModule(SRModule):
         reg_interval / reg_step / reg_limit: growing-L2 schedule (paper 20 / 1e-4 / 0.5).
         reg_bias: also penalise the pruned filters' biases (½·α·(γ² + b²)).
         free_reg_in_ssa: free layers start their growing L2 with the ``ssa`` phase (else with ``regularize``).
+        ssa_threshold: ``kept`` (official: t_l = γ of the smallest kept filter, with its gradient) or
+            ``detached`` (the largest pruned |γ|, detached); see :func:`ssa_loss`.
+        repick_after_ssa: at the end of ``ssa`` the free layers re-pick their pruned filters from the |γ| then
+            (official); false keeps the picks made when ``ssa`` began.
+        weight_norm: ``all`` (official ``--wn``): every trainable conv is weight-normalised during pruning, the
+            upsampler conv included; ``pruned``: only the convs whose filters are pruned.
         dense_checkpoint: optional dense weights to start from (Lightning checkpoint or plain state dict).
         fused_inference: validation/test/predict run :func:`deploy_network`'s fused copy (cached, rebuilt when
             a weight changes) instead of the plain network; false runs the plain network.
@@ -67,6 +73,9 @@ class ASSLModule(SRModule):
         reg_limit: float = 0.5,
         reg_bias: bool = True,
         free_reg_in_ssa: bool = True,
+        ssa_threshold: SSAThreshold = "kept",
+        repick_after_ssa: bool = True,
+        weight_norm: Literal["all", "pruned"] = "all",
         dense_checkpoint: str | None = None,
         fused_inference: bool = True,
         **kwargs: Any,
@@ -74,6 +83,10 @@ class ASSLModule(SRModule):
         super().__init__(network, optimizer=optimizer, lr_scheduler=lr_scheduler, **kwargs)
         if constrained_ranking not in ("first", "sum"):
             raise ConfigError(f"constrained_ranking must be 'first' or 'sum', got {constrained_ranking!r}")
+        if ssa_threshold not in ("kept", "detached"):
+            raise ConfigError(f"ssa_threshold must be 'kept' or 'detached', got {ssa_threshold!r}")
+        if weight_norm not in ("all", "pruned"):
+            raise ConfigError(f"weight_norm must be 'all' or 'pruned', got {weight_norm!r}")
         num_kept(8, prune_ratio if keep is None else None, keep, None)
         self.prune_ratio = prune_ratio
         self.keep = keep
@@ -83,6 +96,9 @@ class ASSLModule(SRModule):
         self.ssa_weight = ssa_weight
         self.reg_bias = reg_bias
         self.free_reg_in_ssa = free_reg_in_ssa
+        self.ssa_threshold: SSAThreshold = ssa_threshold
+        self.repick_after_ssa = repick_after_ssa
+        self.weight_norm = weight_norm
         self.growth = GrowingL2(reg_interval, reg_step, reg_limit)
         self.dense_checkpoint = dense_checkpoint
         self.stage: Literal["dense", "wn", "compact"] = "dense"
@@ -120,11 +136,19 @@ class ASSLModule(SRModule):
         if pending:
             self._log_widths("assl/planned_widths")
 
-    def _to_weight_norm(self) -> bool:
+    def _weight_norm_names(self) -> list[str]:
+        """Convs made WN: the pruned ones, and with ``weight_norm="all"`` every other trainable zero-padded conv."""
+        names = [name for group in self.structure.groups for name in group.producers]
+        if self.weight_norm == "all":
+            names += [name for name, module in self.network.named_modules()
+                      if isinstance(module, nn.Conv2d) and module.weight.requires_grad
+                      and module.padding_mode == "zeros" and name not in names]
+        return names
+
+    def _to_weight_norm(self, names: list[str] | None = None) -> bool:
         if self.stage != "dense":
             return False
-        names = [name for group in self.structure.groups for name in group.producers]
-        convert_to_weight_norm(self.network, names)
+        convert_to_weight_norm(self.network, self._weight_norm_names() if names is None else names)
         self.stage = "wn"
         return True
 
@@ -210,7 +234,12 @@ class ASSLModule(SRModule):
                     for group in self.structure.free:
                         self.growth.start(group.key, step)
             else:
+                if name == "regularize" and self.repick_after_ssa:
+                    # official: every layer's pruned set is re-picked when ssa ends, the free layers' too
+                    for group in self.structure.free:
+                        self.plan.pop(group.key, None)
                 self._select(self.structure.groups)
+                settings.setdefault("keep_optimizer_state", True)  # official: one Adam for ssa → stabilize
                 for group in self.structure.groups:
                     self.growth.start(group.key, step)
             if name == "stabilize":
@@ -247,7 +276,7 @@ class ASSLModule(SRModule):
         terms = []
         for group in self.structure.constrained:
             gammas = [self.network.get_submodule(name).gamma for name in group.producers]
-            terms.append(ssa_loss(gammas, group.channels - self._kept_count(group)))
+            terms.append(ssa_loss(gammas, group.channels - self._kept_count(group), self.ssa_threshold))
         if not terms:
             return torch.zeros((), device=self.device)
         return torch.stack(terms).mean()
@@ -274,6 +303,9 @@ class ASSLModule(SRModule):
         state: dict[str, Any] = {"stage": self.stage, "plan": {k: list(v) for k, v in self.plan.items()},
                                  "producers": {k: list(v) for k, v in self.producers.items()},
                                  "growth": self.growth.state()}
+        if self.stage == "wn":
+            state["weight_norm"] = [name for name, module in self.network.named_modules()
+                                    if isinstance(module, WNConv2d)]
         if self.stage == "compact":
             state["shapes"] = conv_shapes(self.network)
         return state
@@ -286,7 +318,7 @@ class ASSLModule(SRModule):
         self.producers = {str(key): list(value) for key, value in (state.get("producers") or {}).items()}
         self.growth.load(state.get("growth") or {})
         if stage == "wn":
-            self._to_weight_norm()
+            self._to_weight_norm(state.get("weight_norm"))  # absent in older checkpoints: pruned convs only
         elif stage == "compact":
             if self.stage != "compact":
                 apply_shapes(self.network, state["shapes"])
