@@ -201,9 +201,11 @@ class EffSRCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._check_scale()
+        self.config_init["validate"]["verbose"] = False  # SRModule prints one table per evaluation
 
     def before_test(self) -> None:
         self._check_scale()
+        self.config_init["test"]["verbose"] = False  # SRModule prints one table per evaluation
 
     def before_predict(self) -> None:
         from effsr.inference.writer import SRImageWriter
