@@ -15,15 +15,26 @@ from typing import Any
 from urllib.parse import urlparse
 
 import yaml
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from effsr.checkpointing import EpochEndCheckpoint, use_atomic_checkpoints
+from effsr.cli_support import (
+    PACKAGED_CONFIGS,
+    apply_thread_count,
+    check_checkpoint_paths,
+    experiment_dirs,
+    option_error_message,
+    resolve_config_args,
+)
 from effsr.errors import ConfigError, EffSRError
 from effsr.phases import PhaseProgressBar
 
-PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+PACKAGE_CONFIGS = PACKAGED_CONFIGS
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process killed by `kill <pid>`
 
 
 # ---------------------------------------------------------------------------- console output
@@ -156,14 +167,29 @@ class EffSRCLI(LightningCLI):
         if run:
             finish_wandb_runs()
 
+    def init_parser(self, **kwargs: Any) -> Any:
+        """Parsers that raise on a bad option (turned into one readable line by ``parse_arguments``) instead of
+        printing the whole usage before jsonargparse's message."""
+        return super().init_parser(**{**kwargs, "exit_on_error": False})
+
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        """Lightning warns when ``args`` is given while ``sys.argv`` is set. The ``effsr`` console script passes
-        None (Lightning reads sys.argv itself); explicit args come from effsr's own commands (profile, demo) or
-        from Python, which build them on purpose, so that warning is silenced for them."""
+        """Parses ``args`` (None: sys.argv) with packaged config names resolved (``--config smsr_x4``); an unknown
+        option raises a ConfigError naming its full name and the closest valid ones.
+
+        Lightning warns when ``args`` is given while ``sys.argv`` is set; the arguments are always passed here
+        (resolved), on purpose, so that warning is silenced."""
+        if args is None or isinstance(args, (list, tuple)):
+            args = resolve_config_args(sys.argv[1:] if args is None else args)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within",
                                     module=r"lightning\.pytorch\.cli")
-            super().parse_arguments(parser, args)
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as error:
+                subcommand = next((item for item in args or [] if item in self.subcommands()), None)
+                target = self._parser(subcommand) if subcommand and hasattr(self, "_subcommand_parsers") else parser
+                names = [action.dest for action in target._actions if isinstance(action.dest, str)]
+                raise ConfigError(option_error_message(str(error.message), subcommand, names)) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer, with atomic checkpoint writes (whatever the plugins) and W&B loggers readied."""
@@ -179,9 +205,16 @@ class EffSRCLI(LightningCLI):
         parser.link_arguments("data.scale", "model.init_args.scale", apply_on="parse")
         parser.add_argument("--output_dir", type=str | None, default=None,
                             help="predict: folder for the SR PNGs (default: <default_root_dir>/predictions)")
+        parser.add_argument("--threads", type=int | None, default=None,
+                            help="CPU threads of torch (default: OMP_NUM_THREADS when set, else torch's default)")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        apply_thread_count(config.get("threads"))
+        model = config.get("model")
+        if model is not None and model.get("init_args") is not None:
+            config_files = [str(path) for path in config.get("config") or []]
+            check_checkpoint_paths(model.get("init_args"), config_files)
         loggers = config.get("trainer", {}).get("logger")
         loggers = loggers if isinstance(loggers, list) else [loggers]
         if any("Wandb" in str(getattr(item, "class_path", item)) for item in loggers if item):
@@ -228,16 +261,6 @@ Other commands:     effsr profile | compare | convert | data | demo   (each with
 
 
 # ---------------------------------------------------------------------------- experiments listing
-def experiment_dirs() -> list[Path]:
-    """Folders whose YAML files are listed by ``effsr`` without arguments."""
-    candidates = [Path.cwd() / "experiments", Path(__file__).resolve().parents[1] / "experiments", PACKAGE_CONFIGS]
-    seen: list[Path] = []
-    for candidate in candidates:
-        if candidate.is_dir() and candidate.resolve() not in [path.resolve() for path in seen]:
-            seen.append(candidate)
-    return seen
-
-
 def print_overview() -> None:
     print(_DESCRIPTION)
     for folder in experiment_dirs():
@@ -247,7 +270,8 @@ def print_overview() -> None:
         print(f"Experiments in {folder}:")
         for config in configs:
             print(f"  {config.relative_to(folder)}")
-    print("\nSee `effsr fit --help` for every option.")
+    print("\nA packaged config can be given by name from any folder: effsr fit --config smsr_x4 "
+          "(or tiny/smsr_x2, trainer/ddp).\nSee `effsr fit --help` for every option.")
 
 
 # ---------------------------------------------------------------------------- profile / convert
@@ -341,6 +365,10 @@ def main(args: list[str] | None = None) -> int:
     except EffSRError as error:
         print(f"effsr: error: {error}", file=sys.stderr)
         return 2
+    except SIGTERMException:  # Lightning stops the loops on SIGTERM with a SystemExit that would exit 0
+        print("effsr: stopped by SIGTERM; the last checkpoint (last.ckpt) resumes with --ckpt_path last",
+              file=sys.stderr)
+        return SIGTERM_EXIT_CODE
 
 
 if __name__ == "__main__":
