@@ -110,7 +110,8 @@ class _AdamRecorder(lightning.Callback):
 def test_adam_state_is_kept_through_the_pruning_phases(keep: bool, tmp_path: Path) -> None:
     module = tiny_module(optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
     settings = {"lr": 1e-3} if keep else {"lr": 1e-3, "keep_optimizer_state": False}
-    schedule = PhaseSchedule([Phase("ssa", steps=2, settings={"lr": 1e-3}), Phase("regularize", steps=2, settings=settings)])
+    schedule = PhaseSchedule([Phase("ssa", steps=2, settings={"lr": 1e-3}),
+                              Phase("regularize", steps=2, settings=settings)])
     before, after = _AdamRecorder(), _AdamRecorder()  # callbacks run in order: before / after the phase switch
     trainer = lightning.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
