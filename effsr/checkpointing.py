@@ -76,18 +76,29 @@ def load_untrusted(path: _PATH) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: {error}. Is the file complete?") from error
 
 
+def training_ends_after_this_batch(trainer: L.Trainer) -> bool:
+    """True in ``on_train_batch_end`` of the last batch of a fit: ``max_steps`` reached, or a stop was requested
+    (a finished PhaseSchedule pipeline, early stopping) that ``min_steps``/``min_epochs`` allow."""
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return True
+    return bool(trainer.should_stop and getattr(trainer.fit_loop, "_can_stop_early", True))
+
+
 class EpochEndCheckpoint(ModelCheckpoint):
-    """Writes checkpoints (and ``last.ckpt``) after the last optimizer step of every epoch.
+    """Writes checkpoints (and ``last.ckpt``) after the last optimizer step of every epoch and of the fit.
 
     Lightning resumes a checkpoint taken at the end of the epoch's last training batch by starting the next
     epoch cleanly, whereas one taken in ``on_train_epoch_end`` makes it re-enter the finished epoch and
     shift the data stream by a batch. Saving here makes ``--ckpt_path last`` resume exactly (same data,
-    same weights as an uninterrupted run). A monitored metric is the latest validation's.
+    same weights as an uninterrupted run). When training ends inside an epoch (``max_steps``, or a pipeline
+    whose last phase ends), the final state is written too, so ``last.ckpt`` holds the finished run. A monitored
+    metric is the latest validation's.
     """
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if batch_idx + 1 != trainer.num_training_batches or self._should_skip_saving_checkpoint(trainer):
+        epoch_end = batch_idx + 1 == trainer.num_training_batches
+        if not (epoch_end or training_ends_after_this_batch(trainer)) or self._should_skip_saving_checkpoint(trainer):
             return
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)

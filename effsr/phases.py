@@ -165,7 +165,9 @@ class PhaseSchedule(Callback):
                     )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.finished:
+        if self.finished:  # resumed from the final checkpoint of a finished pipeline: nothing left to train
+            if self.stop_after_last:
+                trainer.should_stop = True
             return
         if getattr(pl_module, "phase_name", None) != self.current.name:
             self._enter(trainer, pl_module, self.index, trainer.global_step)

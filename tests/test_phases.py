@@ -144,3 +144,20 @@ def test_phase_batch_size_needs_a_datamodule_with_set_batch_size() -> None:
     with pytest.raises(ConfigError, match=r"phase 'classifier': settings.batch_size needs a data module"):
         schedule.setup(SimpleNamespace(datamodule=None, max_steps=-1), module, "fit")
     schedule.setup(SimpleNamespace(datamodule=None, max_steps=-1), module, "validate")
+
+
+def test_pipeline_ending_inside_an_epoch_writes_its_final_checkpoint(tmp_path: Path) -> None:
+    """7 steps per epoch (14 samples, batch 2): epochs end at steps 7 and 14, the 20-step pipeline inside the third
+    epoch, and max_steps 100 leaves the stop to PhaseSchedule. last.ckpt holds the finished run at step 20."""
+    extra = ("--data.samples_per_epoch", "14", "--trainer.max_steps", "100")
+    cli = _fit(tmp_path, *extra)
+    assert cli.trainer.global_step == 20 and cli.trainer.num_training_batches == 7
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 20
+    (state,) = [value for key, value in checkpoint["callbacks"].items() if "PhaseSchedule" in key]
+    assert state["finished"] and state["index"] == 2
+    assert [name for name, _ in state["history"]] == ["tail_only", "shrink", "finetune"]
+    assert checkpoint["effsr"]["phase_name"] == "finetune"
+    _assert_same_weights(checkpoint["state_dict"], {k: v.detach() for k, v in cli.model.state_dict().items()})
+    resumed = _fit(tmp_path, *extra, "--ckpt_path", "last")  # a finished pipeline trains no further step
+    assert resumed.trainer.global_step == 20
