@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +159,8 @@ def test_routed_inference_equals_per_patch_loop_and_counts_macs() -> None:
     assert wide.macs == pytest.approx(forced._image_record(wide, wide.sr, wide.sr)["macs"], rel=1e-9)
 
 
-def test_tiny_pipeline_all_phases_then_test_routed_costs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_pipeline_all_phases_then_test_routed_costs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         assert_psnr_in_range: Callable[[float], None]) -> None:
     import effsr.cli as cli
 
     monkeypatch.chdir(tmp_path)
@@ -176,11 +178,23 @@ def test_tiny_pipeline_all_phases_then_test_routed_costs(tmp_path: Path, monkeyp
     assert any("split_psnr_histogram" in name for name in media) and any("val_routes" in name for name in media)
     assert cli.main(["test", "--config", str(TINY), "--ckpt_path", str(checkpoint_path), "--trainer.logger=false"]) == 0
     results = json.loads(next(tmp_path.rglob("test_results.json")).read_text())["sample"]
-    assert results["n_images"] == 3 and results["psnr_y"] > 15 and results["psnr_rgb_crop4"] > 10
+    # What a 75-step run learns (PSNR, routing shares) differs between CPUs: only finite, in-range numbers and
+    # costs that follow from the measured routing are asserted; routed < wide is forced in the tests above.
+    assert results["n_images"] == 3 and len(results["images"]) == 3
+    for value in (results["psnr_y"], results["psnr_rgb_crop4"]):
+        assert_psnr_in_range(value)
+    assert results["psnr_y"] == pytest.approx(np.mean([row["psnr_y"] for row in results["images"].values()]))
     assert len(results["class_proportions"]) == 3 and sum(results["class_proportions"]) == pytest.approx(1.0)
-    assert results["macs"] < results["macs_wide"] and results["flops_percent_of_wide"] < 100
-    image = next(iter(results["images"].values()))
-    assert {"psnr_y", "psnr_rgb_crop4", "class_proportions", "macs", "flops_classsr"} <= set(image)
+    expected = _expected_patch_costs(_tiny_config_network())
+    for image in results["images"].values():
+        assert {"psnr_y", "psnr_rgb_crop4", "class_proportions", "macs", "flops_classsr"} <= set(image)
+        counts = image["class_counts"]
+        assert sum(counts) == image["patches"] > 0
+        assert image["macs"] == sum(c * m for c, m in zip(counts, expected["branches"], strict=True)) \
+            + image["patches"] * expected["classifier"]
+        assert image["macs_wide"] == image["patches"] * expected["branches"][-1]
+    assert results["macs"] == pytest.approx(np.mean([image["macs"] for image in results["images"].values()]))
+    assert results["macs_percent_of_wide"] == pytest.approx(100 * results["macs"] / results["macs_wide"])
     # last.ckpt is written at the epoch's last batch, before that epoch's validation: this one-epoch run's
     # checkpoint has no measured class counts yet. `effsr profile` at the shares `effsr test` measured:
     assert structure["measured_class_counts"] is None
@@ -193,7 +207,9 @@ def test_tiny_pipeline_all_phases_then_test_routed_costs(tmp_path: Path, monkeyp
     assert report["network"] == "RoutedClassSR" and report["class_proportions_source"] == "cost_proportions option"
     assert report["class_proportions"] == pytest.approx(shares)
     assert report["macs_720p"] == pytest.approx(report["method_macs_720p"], abs=1)
-    assert report["macs_720p"] < report["macs_720p_wide"] < report["macs_720p_soft_mixture"]
+    routed = _expected_routed_cost(_tiny_config_network(), shares)
+    assert report["macs_720p"] == pytest.approx(routed["macs_720p"], abs=1)
+    assert report["macs_720p_wide"] == routed["wide_720p"] < report["macs_720p_soft_mixture"]
 
 
 def test_ddp_two_processes_split_and_classifier_phase(tmp_path: Path) -> None:
@@ -245,6 +261,15 @@ def _tiny_config_network() -> ClassSRNet:
     torch.manual_seed(0)
     settings = yaml.safe_load(TINY.read_text())["model"]["init_args"]["network"]["init_args"]
     return ClassSRNet(**settings, scale=4)
+
+
+def _expected_patch_costs(network: ClassSRNet) -> dict:
+    """MACs of one 32×32 LR patch through each branch and through the classifier, counted with effsr.cost."""
+    from effsr.cost import count_macs
+
+    patch = torch.zeros(1, 3, 32, 32)
+    return {"branches": [count_macs(branch, patch) for branch in network.branches],
+            "classifier": count_macs(network.classifier, patch)}
 
 
 def _expected_routed_cost(network: ClassSRNet, proportions: list[float], classifier: bool = True) -> dict:
