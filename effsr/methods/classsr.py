@@ -50,6 +50,7 @@ from effsr.errors import CheckpointError, ConfigError
 from effsr.inference.tiling import RoutedOutput, route_overlay, routed_forward, tile_grid
 from effsr.metrics import psnr as psnr_fn
 from effsr.models.base import SRModule, log_image
+from effsr.models.evaluation import mean_values
 
 PHASE_KINDS = ("reference", "split", "branches", "classifier", "joint")
 SPLIT_VERSION = 1
@@ -402,12 +403,9 @@ class ClassSRModule(SRModule):
         self._initial_wide = {key: value.detach().clone() for key, value in network.branches[-1].state_dict().items()}
         self._patch_macs_cache: tuple[list[int], int] | None = None
         self._last_route: RoutedOutput | None = None
-        self._classsr_records: list[dict[str, Any]] = []
-        self._route_maps_logged: dict[str, int] = {}
+        self._route_maps_logged: dict[tuple[str, int], int] = {}
         self._measured_counts: Tensor | None = None
         self._measured_from: dict[str, Any] = {}
-        self._set_aggregates: dict[str, dict[str, Any]] = {}
-        self._per_image: dict[str, dict[str, dict[str, Any]]] = {}
         if reference_checkpoint:
             load_reference_weights(network, reference_checkpoint)
 
@@ -707,10 +705,13 @@ class ClassSRModule(SRModule):
         return self._router().route(lr, count_macs=count_macs)
 
     def infer(self, lr: Tensor) -> Tensor:
-        """Routed tiled inference over the whole image (the last image's routing is kept for logging)."""
+        """Routed tiled inference over the whole image; in evaluation the patches per branch are measured
+        (the last image's routing is kept for logging)."""
         outputs = []
         for index in range(lr.shape[0]):
             self._last_route = self.route(lr[index:index + 1])
+            counts = self._last_route.patches_per_network.tolist()
+            self.add_measurement(**{f"class_count_{k}": count for k, count in enumerate(counts)})
             outputs.append(self._last_route.sr)
         return torch.cat(outputs, dim=0)
 
@@ -724,36 +725,79 @@ class ClassSRModule(SRModule):
         branch_macs, classifier_macs = self._patch_macs_cache
         return branch_macs, 0 if self.force_branch is not None else classifier_macs
 
-    def _image_record(self, route: RoutedOutput, sr: Tensor, hr: Tensor) -> dict[str, Any]:
+    def _routed_macs(self, counts: Sequence[float]) -> dict[str, float]:
+        """What routed tiling executed for ``counts`` patches per branch (``macs``), the wide branch on the
+        same patches, and ClassSR's FLOPs per patch (2 × MACs, averaged over those patches)."""
         branch_macs, classifier_macs = self.patch_macs()
-        counts = route.patches_per_network.double()
-        patches = float(counts.sum())
-        routed = float((counts * torch.tensor(branch_macs, dtype=torch.float64)).sum())
-        macs = routed + patches * classifier_macs
-        macs_wide = patches * branch_macs[-1]
-        flops = 2 * (routed / patches + classifier_macs)
-        flops_wide = 2.0 * branch_macs[-1]
+        patches = float(sum(counts))
+        routed = float(sum(count * macs for count, macs in zip(counts, branch_macs, strict=True)))
+        macs, macs_wide = routed + patches * classifier_macs, patches * branch_macs[-1]
+        flops, flops_wide = 2 * (routed / patches + classifier_macs), 2.0 * branch_macs[-1]
+        return {"macs": macs, "macs_wide": macs_wide, "flops_classsr": flops, "flops_classsr_wide": flops_wide,
+                "flops_percent_of_wide": 100.0 * flops / flops_wide}
+
+    def _image_record(self, route: RoutedOutput, sr: Tensor, hr: Tensor) -> dict[str, Any]:
+        """Per-image values of one routed image (see :meth:`image_measurements`)."""
+        return self._image_values(route.patches_per_network.tolist(), sr, hr)
+
+    def _image_values(self, counts: Sequence[float], sr: Tensor, hr: Tensor) -> dict[str, Any]:
+        patches = float(sum(counts))
+        costs = self._routed_macs(counts)
         return {
             "psnr_rgb_crop4": float(psnr_fn(sr, hr, crop_border=4, y_channel=False)[0]),
-            "patches": int(patches), "class_counts": [int(c) for c in counts.tolist()],
-            "class_proportions": [float(c) / patches for c in counts.tolist()],
-            "macs": macs, "macs_wide": macs_wide, "macs_percent_of_wide": 100.0 * macs / macs_wide,
-            "flops_classsr": flops, "flops_classsr_wide": flops_wide,
-            "flops_percent_of_wide": 100.0 * flops / flops_wide,
+            "patches": int(patches), "class_counts": [int(c) for c in counts],
+            "class_proportions": [float(c) / patches for c in counts],
+            **costs, "macs_percent_of_wide": 100.0 * costs["macs"] / costs["macs_wide"],
         }
 
+    def image_measurements(self, measured: dict[str, float], sr: Tensor, hr: Tensor) -> dict[str, Any]:
+        """Per image: RGB PSNR (4-px crop), patches per branch and their shares, executed MACs, FLOPs."""
+        counts = [measured.get(f"class_count_{k}", 0.0) for k in range(self.num_classes)]
+        return self._image_values(counts, sr, hr) if sum(counts) > 0 else {}
+
+    def set_measurements(self, images: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """A set's values from its own images: class shares = its patches per branch / its patches; the routed
+        cost (:func:`routed_costs`) and FLOPs at those shares; mean RGB PSNR and executed MACs per image."""
+        counts = [float(sum(column)) for column in zip(*(image["class_counts"] for image in images), strict=True)]
+        patches = sum(counts)
+        shares = [count / patches for count in counts]
+        mean = mean_values([{key: image[key] for key in ("psnr_rgb_crop4", "macs", "macs_wide")} for image in images])
+        routed = routed_costs(self.network, shares, patch_size=self.patch_size, stride=self.stride,
+                              classifier=self.force_branch is None)
+        pooled = self._routed_macs(counts)
+        return {
+            **mean, "macs_percent_of_wide": 100.0 * mean["macs"] / mean["macs_wide"],
+            "patches": int(patches), "class_counts": [int(count) for count in counts], "class_proportions": shares,
+            "flops_classsr": pooled["flops_classsr"], "flops_classsr_wide": pooled["flops_classsr_wide"],
+            "flops_percent_of_wide": pooled["flops_percent_of_wide"],
+            "flops_percent_of_wide_cost": pooled["flops_percent_of_wide"],
+            "macs_720p": routed["macs_720p"], "macs_720p_wide": routed["macs_720p_wide"],
+            "macs_720p_percent_of_wide": routed["macs_720p_percent_of_wide"],
+            **{f"class_proportion_{k}": share for k, share in enumerate(shares)},
+        }
+
+    def on_eval_measured(self, stage: str, per_set: dict[str, dict[str, Any]], overall: dict[str, Any],
+                         n_images: int) -> None:
+        """The routed cost (:meth:`cost_report`, ``effsr profile``, the checkpoint) follows the class counts of
+        all images of the last evaluation."""
+        if self.force_branch is not None or not overall.get("patches"):
+            return
+        self._measured_counts = torch.tensor(overall["class_counts"], dtype=torch.float64)
+        self._measured_from = {"stage": stage, "sets": sorted(per_set), "images": n_images,
+                               "patches": int(overall["patches"]),
+                               "global_step": int(self.global_step)}
+
     def on_eval_image(self, stage: str, set_name: str, name: str, lr: Tensor, sr: Tensor, hr: Tensor) -> None:
-        """Per-image RGB PSNR (4-px crop), class proportions, MACs/FLOPs; routing map of validation images."""
+        """Routing map of validation images (``route_maps_per_set`` per set and validation run)."""
         route, self._last_route = self._last_route, None
-        if route is None:
+        key = (set_name, int(self.global_step))
+        limit, logged = self.route_maps_per_set, self._route_maps_logged.get(key, 0)
+        if (route is None or stage != "val" or self.logger is None or self.global_rank != 0
+                or (limit is not None and logged >= limit)):
             return
-        record = {"stage": stage, "set": set_name, "name": name, **self._image_record(route, sr, hr)}
-        self._classsr_records.append(record)
-        limit = self.route_maps_per_set
-        logged = self._route_maps_logged.get(set_name, 0)
-        if stage != "val" or self.logger is None or self.global_rank != 0 or (limit is not None and logged >= limit):
-            return
-        self._route_maps_logged[set_name] = logged + 1
+        self._route_maps_logged = {done: count for done, count in self._route_maps_logged.items() if done[1] == key[1]}
+        self._route_maps_logged[key] = logged + 1
+        record = self._image_record(route, sr, hr)
         image = lr[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
         tinted = route_overlay(image, route.route_map, route.corners, self.patch_size, image_scale=1)
         shares = ", ".join(f"{CLASS_NAMES[k] if self.num_classes == 3 else k}: {p:.0%}"
@@ -761,68 +805,6 @@ class ClassSRModule(SRModule):
         caption = (f"{name}: green/yellow/red = narrow/medium/wide ({shares}); "
                    f"FLOPs {record['flops_percent_of_wide']:.1f}% of wide")
         log_image(self.logger, f"val_routes/{set_name}/{name}", tinted, caption=caption, step=self.global_step)
-
-    def _reset_eval(self) -> None:
-        self._classsr_records = []
-        self._route_maps_logged = {}
-        self._cost_cache = None
-
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self._reset_eval()
-
-    def on_test_epoch_start(self) -> None:
-        super().on_test_epoch_start()
-        self._reset_eval()
-
-    def _aggregate_eval(self, stage: str) -> None:
-        """Gathers the per-image records of all ranks, logs per-set means, keeps them for the JSON and costs."""
-        records = [record for part in _all_gather_object(self._classsr_records) for record in part]
-        self._set_aggregates, self._per_image = {}, {}
-        pooled = torch.zeros(self.num_classes, dtype=torch.float64)
-        for set_name in sorted({record["set"] for record in records}):
-            rows = [record for record in records if record["set"] == set_name]
-            counts = torch.tensor([row["class_counts"] for row in rows], dtype=torch.float64).sum(dim=0)
-            pooled += counts
-            mean = {key: float(np.mean([row[key] for row in rows]))
-                    for key in ("psnr_rgb_crop4", "macs", "macs_wide", "flops_classsr", "flops_classsr_wide")}
-            aggregate: dict[str, Any] = {
-                **mean,
-                "class_proportions": (counts / counts.sum()).tolist(),
-                "macs_percent_of_wide": 100.0 * mean["macs"] / mean["macs_wide"],
-                "flops_percent_of_wide": 100.0 * mean["flops_classsr"] / mean["flops_classsr_wide"],
-            }
-            self._set_aggregates[set_name] = aggregate
-            self._per_image[set_name] = {row["name"]: {key: value for key, value in row.items()
-                                                       if key not in ("stage", "set", "name")} for row in rows}
-            for key, value in aggregate.items():
-                values = value if isinstance(value, list) else [value]
-                suffixes = [f"_{k}" for k in range(len(values))] if isinstance(value, list) else [""]
-                for suffix, item in zip(suffixes, values, strict=True):
-                    self.log(f"{stage}/{set_name}/{key}{suffix}", float(item), on_step=False, on_epoch=True,
-                             add_dataloader_idx=False, batch_size=1, rank_zero_only=True)
-        if pooled.sum() > 0 and self.force_branch is None:
-            self._measured_counts = pooled
-            self._measured_from = {"stage": stage, "sets": sorted({record["set"] for record in records}),
-                                   "images": len(records), "patches": int(pooled.sum()),
-                                   "global_step": int(self.global_step) if self._trainer is not None else None}
-        self._cost_cache = None
-
-    def on_validation_epoch_end(self) -> None:
-        self._aggregate_eval("val")
-        super().on_validation_epoch_end()
-
-    def on_test_epoch_end(self) -> None:
-        self._aggregate_eval("test")
-        super().on_test_epoch_end()
-
-    def extend_test_results(self, results: dict[str, Any]) -> dict[str, Any]:
-        """Adds RGB PSNR (4-px crop), class proportions, MACs/FLOPs and % of the wide branch per set and image."""
-        for set_name, row in results.items():
-            row.update(self._set_aggregates.get(set_name, {}))
-            for image_name, values in self._per_image.get(set_name, {}).items():
-                row.setdefault("images", {}).setdefault(image_name, {}).update(values)
-        return results
 
     def cost_proportions_used(self) -> tuple[list[float], str]:
         """The class proportions the routed cost is reported at, and where they come from: ``force_branch``

@@ -715,9 +715,7 @@ class AdaptiveNMModule(SRModule):
         super().__init__(ensemble, optimizer, lr_scheduler, **kwargs)
         for parameter in ensemble.members.parameters():
             parameter.requires_grad_(False)
-        self._measured_macs = 0
-        self._measured_pixels = 0
-        self._routes = torch.zeros(len(loaded), dtype=torch.long)
+        self._measured: dict[str, float] = {}
         self.register_buffer("estimators_initialised", torch.zeros((), dtype=torch.bool))
 
     @property
@@ -739,35 +737,42 @@ class AdaptiveNMModule(SRModule):
         return loss, {"estimator_mse": loss.detach()}
 
     def infer(self, lr: Tensor) -> Tensor:
+        """Routed inference; in evaluation the executed MACs (estimators included), HR pixels and patches per
+        member are measured per image."""
         with MacCounter(self.ensemble) as counter:
             sr = self.ensemble(lr)
-        self._measured_macs += counter.macs
-        self._measured_pixels += sr.shape[-2] * sr.shape[-1] * sr.shape[0]
-        self._routes += self.ensemble.last_route.patches_per_network.cpu()
+        routes = self.ensemble.last_route.patches_per_network.tolist()
+        self.add_measurement(macs=counter.macs, pixels=sr.shape[-2] * sr.shape[-1] * sr.shape[0],
+                             **{f"route_count{index}": count for index, count in enumerate(routes)})
         return sr
 
-    def on_test_epoch_start(self) -> None:
-        super().on_test_epoch_start()
-        self._measured_macs, self._measured_pixels = 0, 0
-        self._routes.zero_()
-        self._cost_cache = None
+    def image_measurements(self, measured: dict[str, float], sr: Tensor, hr: Tensor) -> dict[str, Any]:
+        """Per image: measured MACs per HR pixel scaled to 1280×720, and the patches per member."""
+        if not measured.get("pixels"):
+            return {}
+        counts = [measured.get(f"route_count{index}", 0.0) for index in range(len(self.ensemble.costs))]
+        return {"macs_720p": measured["macs"] / measured["pixels"] * 1280 * 720, "route_counts": counts}
 
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self._measured_macs, self._measured_pixels = 0, 0
-        self._routes.zero_()
-        self._cost_cache = None
+    def set_measurements(self, images: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """A set's mean ``macs_720p`` over its images, its share of patches per member and the cost fraction
+        at those shares."""
+        counts = torch.tensor([image["route_counts"] for image in images], dtype=torch.float64).sum(dim=0)
+        share = counts / max(1.0, float(counts.sum()))
+        return {"macs_720p": sum(image["macs_720p"] for image in images) / len(images),
+                **{f"route_share{index}": float(value) for index, value in enumerate(share)},
+                "mean_cost_fraction": float((share * self.ensemble.costs.double().cpu()).sum())}
+
+    def on_eval_measured(self, stage: str, per_set: dict[str, dict[str, Any]], overall: dict[str, Any],
+                         n_images: int) -> None:
+        self._measured = dict(overall)
 
     def cost_report(self) -> dict[str, float]:
-        """Measured MACs per HR pixel of the routed inference (estimators included), scaled to 1280×720."""
+        """Measured cost of the routed inference over the images of the last evaluation (estimators
+        included, per HR pixel scaled to 1280×720); per set: :meth:`set_measurements`."""
         report: dict[str, float] = {"params": float(count_params(self.ensemble)),
                                     "penalty": float(self.ensemble.penalty)}
         for index, cost in enumerate(self.ensemble.costs.tolist()):
             report[f"member{index}_cost_fraction"] = cost
-        if self._measured_pixels:
-            report["macs_720p"] = self._measured_macs / self._measured_pixels * 1280 * 720
-            share = self._routes.double() / max(1, int(self._routes.sum()))
-            report.update({f"route_share{index}": float(value) for index, value in enumerate(share)})
-            report["mean_cost_fraction"] = float((share * self.ensemble.costs.double()).sum())
+        report.update(self._measured)
         return report
 

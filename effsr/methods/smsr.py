@@ -480,7 +480,7 @@ class SMSRModule(SRModule):
         self.constant_tau = constant_tau
         if constant_tau is not None:
             network.tau = constant_tau
-        self._eval_densities: list[list[float]] = []
+        self._measured_densities: list[float] | None = None
 
     def sparsity_lambda(self) -> float:
         if self.sparsity_warmup_steps <= 0:
@@ -511,19 +511,37 @@ class SMSRModule(SRModule):
             self.network.tau = float(value)
 
     def infer(self, lr: Tensor) -> Tensor:
+        """The network (sparse path in eval); in evaluation each SMM's active pixels are measured."""
         sr = self.network(lr)
         if not self.network.training and self.network.last_spatial:
-            self._eval_densities.append([float(s.mean()) for s in self.network.last_spatial])
-            self._cost_cache = None
+            pixels = self.network.last_spatial[0][:, 0].numel()
+            self.add_measurement(pixels=pixels, **{f"active_smm{index}": float(mask.sum())
+                                                   for index, mask in enumerate(self.network.last_spatial)})
         return sr
 
+    def image_measurements(self, measured: dict[str, float], sr: Tensor, hr: Tensor) -> dict[str, Any]:
+        """Per image: each SMM's spatial density, their mean, and ``macs_720p`` at this image's densities
+        (linear in the densities, so a set's mean is the cost at the set's mean densities)."""
+        if not measured.get("pixels"):
+            return {}
+        densities = [measured[f"active_smm{index}"] / measured["pixels"] for index in range(len(self.network.body))]
+        return {"macs_720p": float(analytic_macs_720p(self.network, densities)[0]),
+                "spatial_density": sum(densities) / len(densities),
+                **{f"spatial_density_smm{index}": value for index, value in enumerate(densities)}}
+
+    def on_eval_measured(self, stage: str, per_set: dict[str, dict[str, Any]], overall: dict[str, Any],
+                         n_images: int) -> None:
+        """:meth:`cost_report` follows the densities measured over all images of the last evaluation."""
+        self._measured_densities = [float(overall[f"spatial_density_smm{index}"])
+                                    for index in range(len(self.network.body))]
+
     def cost_report(self) -> dict[str, float]:
-        """MACs at 720p of the sparse path at each SMM's mean measured spatial density over the last evaluated
-        images (the paper's convention; per pixel this is exactly what the sparse path executed), and dense."""
-        recent = self._eval_densities[-100:]
-        per_module = [sum(column) / len(column) for column in zip(*recent, strict=True)] if recent else 1.0
+        """MACs at 720p of the sparse path at each SMM's mean measured spatial density over the images of the
+        last evaluation (the paper's convention; per pixel this is exactly what the sparse path executed;
+        density 1 before any evaluation), and dense. Per-set values: :meth:`image_measurements`."""
+        per_module = self._measured_densities or 1.0
         sparse, dense = analytic_macs_720p(self.network, per_module)
-        density = sum(per_module) / len(per_module) if recent else 1.0
+        density = sum(per_module) / len(per_module) if self._measured_densities else 1.0
         params = sum(p.numel() for p in self.network.parameters()) - 2 * 12
         return {
             "params": float(params),

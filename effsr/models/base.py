@@ -1,8 +1,9 @@
 """SRModule: the LightningModule every effsr method subclasses.
 
 It owns what all methods share: uint8 → float normalisation on the device, the pixel range of the network,
-L1 training, per-set validation/test metrics (Y-PSNR/SSIM and RGB PSNR, paper protocol), cost logging,
-sample images, tiled inference for large inputs, test results as JSON, and the phase hooks the
+L1 training, per-set validation/test metrics (Y-PSNR/SSIM and RGB PSNR, paper protocol) and per-set measured
+cost (:mod:`effsr.models.evaluation`), cost logging, sample images, tiled inference for large inputs, test
+results as JSON and console summaries (:mod:`effsr.models.results`), and the phase hooks the
 :class:`effsr.phases.PhaseSchedule` callback drives. Methods override the small hooks documented in
 ``docs/design.md`` (``training_loss``, ``infer``, ``on_phase_start``, ...), never the Lightning steps.
 """
@@ -10,18 +11,11 @@ sample images, tiled inference for large inputs, test results as JSON, and the p
 from __future__ import annotations
 
 import copy
-import json
-import math
-import os
-import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -29,14 +23,17 @@ from torch import Tensor, nn
 from effsr.cost import count_params, macs_at_720p
 from effsr.errors import ConfigError, TrainingError
 from effsr.inference.tiling import tiled_forward
-from effsr.metrics import PSNR, SSIM
+from effsr.models.evaluation import EvaluationMixin
+from effsr.models.results import log_image
+
+__all__ = ["SRModule", "log_image"]  # log_image: methods import it from here
 
 
 def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=2e-4, betas=(0.9, 0.999))
 
 
-class SRModule(L.LightningModule):
+class SRModule(EvaluationMixin, L.LightningModule):
     """Trains and evaluates one SR network.
 
     Args:
@@ -81,8 +78,7 @@ class SRModule(L.LightningModule):
         self.phase_settings: dict[str, Any] = {}
         self.schedule_values: dict[str, float] = {}
         self._cost_cache: dict[str, float] | None = None
-        self._eval_metrics = nn.ModuleDict()
-        self._eval_records: list[dict[str, Any]] = []
+        self._init_evaluation()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -144,9 +140,6 @@ class SRModule(L.LightningModule):
         except (NotImplementedError, RuntimeError):
             counted = macs_at_720p(network, self.scale)
         return {"params": float(count_params(network)), "macs_720p": float(counted)}
-
-    def on_eval_image(self, stage: str, set_name: str, name: str, lr: Tensor, sr: Tensor, hr: Tensor) -> None:
-        """Per-image hook for method-specific logging (mask images, routing maps); inputs in [0, 1]."""
 
     # ------------------------------------------------------------------ phases
     def enter_phase(self, name: str, settings: dict[str, Any]) -> bool:
@@ -257,184 +250,7 @@ class SRModule(L.LightningModule):
     def forward(self, lr: Tensor) -> Tensor:
         return self.super_resolve(lr)
 
-    # ------------------------------------------------------------------ Lightning: evaluation
-    def _set_names(self) -> list[str]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = list(getattr(datamodule, "eval_set_names", []) or [])
-        return names
-
-    def _metrics_for(self, stage: str, set_name: str) -> nn.ModuleDict:
-        key = f"{stage}__{set_name}".replace(".", "_")
-        if key not in self._eval_metrics:
-            metrics = nn.ModuleDict(
-                {
-                    "psnr_y": PSNR(crop_border=self.scale, y_channel=True),
-                    "ssim_y": SSIM(crop_border=self.scale, y_channel=True),
-                    "psnr_rgb": PSNR(crop_border=self.scale, y_channel=False),
-                }
-            ).to(self.device)
-            self._eval_metrics[key] = metrics
-        return self._eval_metrics[key]
-
-    def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> None:
-        names = self._set_names()
-        set_name = names[dataloader_idx] if dataloader_idx < len(names) else f"set{dataloader_idx}"
-        lr, hr = batch["lr"], batch["hr"]
-        sr = self.super_resolve(lr)
-        if sr.shape != hr.shape:
-            raise ConfigError(
-                f"SR output {tuple(sr.shape)} does not match HR {tuple(hr.shape)} for {batch.get('name')}: "
-                f"is data.scale ({getattr(self.trainer.datamodule, 'scale', '?')}) the network's scale ({self.scale})?"
-            )
-        metrics = self._metrics_for(stage, set_name)
-        from effsr.metrics import psnr as psnr_fn
-        from effsr.metrics import ssim as ssim_fn
-
-        for metric in metrics.values():
-            metric.update(sr, hr)
-        image_names = list(batch.get("name") or [f"image{len(self._eval_records) + i:05d}" for i in range(len(lr))])
-        psnr_values = psnr_fn(sr, hr, crop_border=self.scale, y_channel=True)
-        ssim_values = ssim_fn(sr, hr, crop_border=self.scale, y_channel=True)
-        for index, image_name in enumerate(image_names):
-            self._eval_records.append(
-                {"set": set_name, "name": image_name, "psnr_y": float(psnr_values[index]),
-                 "ssim_y": float(ssim_values[index])}
-            )
-        self.on_eval_image(stage, set_name, image_names[0], lr, sr, hr)
-        if stage == "val" and self._images_logged.get(set_name, 0) < self.log_images and self.global_rank == 0:
-            self._images_logged[set_name] = self._images_logged.get(set_name, 0) + 1
-            self._log_sample_images(set_name, image_names[0], lr, sr, hr)
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_records = []
-        self._images_logged: dict[str, int] = {}
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_records = []
-        self._images_logged = {}
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("val", batch, dataloader_idx)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch, dataloader_idx)
-
-    def _log_cost(self, stage: str) -> dict[str, float]:
-        if self._cost_cache is None:
-            self._cost_cache = {key: float(value) for key, value in self.cost_report().items()
-                                if isinstance(value, (int, float))}
-        for key, value in self._cost_cache.items():
-            self.log(f"cost/{key}", value, on_step=False, on_epoch=True)
-        return self._cost_cache
-
-    def _finish_eval(self, stage: str) -> dict[str, dict[str, float]]:
-        """Computes (synchronised over ranks) and logs each set's metrics, then resets them.
-
-        Every rank calls compute() for every set, also a rank that saw no image of a small set, so the
-        collective calls always match under DDP.
-        """
-        computed: dict[str, dict[str, float]] = {}
-        for set_name in self._set_names():
-            metrics = self._metrics_for(stage, set_name)
-            computed[set_name] = {key: float(metric.compute()) for key, metric in metrics.items()}
-            for metric in metrics.values():
-                metric.reset()
-            for key, value in computed[set_name].items():
-                self.log(f"{stage}/{set_name}/{key}", value, on_step=False, on_epoch=True,
-                         add_dataloader_idx=False, batch_size=1)
-        return computed
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish_eval("val")
-        if not self.trainer.sanity_checking:
-            self._log_cost("val")
-
-    def on_test_epoch_end(self) -> None:
-        computed = self._finish_eval("test")
-        cost = self._log_cost("test")
-        records = self._gather_records()
-        set_names = list(computed)
-        if self.global_rank != 0:
-            return
-        results: dict[str, Any] = {}
-        for set_name in set_names:
-            set_records = [record for record in records if record["set"] == set_name]
-            results[set_name] = {
-                **computed[set_name],
-                "n_images": len(set_records),
-                **{key: value for key, value in cost.items()},
-                "images": {record["name"]: {"psnr_y": record["psnr_y"], "ssim_y": record["ssim_y"]}
-                           for record in set_records},
-            }
-        results = self.extend_test_results(results)
-        self._write_results(results)
-
-    def extend_test_results(self, results: dict[str, Any]) -> dict[str, Any]:
-        """Lets a method add its own per-set entries (class proportions, measured sparsity) to the JSON."""
-        return results
-
-    def _gather_records(self) -> list[dict[str, Any]]:
-        if not (dist.is_available() and dist.is_initialized()):
-            return list(self._eval_records)
-        gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, self._eval_records)
-        return [record for part in gathered for record in (part or [])]
-
-    def _write_results(self, results: dict[str, Any]) -> None:
-        root = Path(self.results_dir or self.trainer.default_root_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        path = root / "test_results.json"
-        temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(results, indent=2))
-        if path.exists():
-            history = root / "test_results_history"
-            history.mkdir(exist_ok=True)
-            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-            kept = history / f"test_results-{stamp}.json"
-            suffix = 1
-            while kept.exists():
-                kept = history / f"test_results-{stamp}-{suffix}.json"
-                suffix += 1
-            os.replace(path, kept)
-        os.replace(temporary, path)
-        lines = [f"{'set':<16}{'n':>5}{'PSNR-Y':>9}{'SSIM-Y':>9}{'PSNR-RGB':>10}{'GMACs@720p':>12}{'params':>11}"]
-        for set_name, row in results.items():
-            lines.append(
-                f"{set_name:<16}{row['n_images']:>5}{row['psnr_y']:>9.3f}{row['ssim_y']:>9.4f}{row['psnr_rgb']:>10.3f}"
-                f"{row.get('macs_720p', math.nan) / 1e9:>12.2f}{row.get('params', math.nan) / 1e6:>10.3f}M"
-            )
-        note = " (earlier results kept in test_results_history/)" if (root / "test_results_history").exists() else ""
-        print("\n".join(lines) + f"\ntest results written to {path}{note}", flush=True)
-
-    def _log_sample_images(self, set_name: str, name: str, lr: Tensor, sr: Tensor, hr: Tensor) -> None:
-        """LR (nearest) / bicubic / SR / HR side by side, a centre crop, to whatever logger is attached."""
-        logger = self.logger
-        if logger is None:
-            return
-        crop = 192
-        height, width = hr.shape[-2:]
-        top, left = max(0, (height - crop) // 2), max(0, (width - crop) // 2)
-        top, left = top - top % self.scale, left - left % self.scale
-        window = (slice(None), slice(None), slice(top, top + crop), slice(left, left + crop))
-        lr_up = F.interpolate(lr, scale_factor=self.scale, mode="nearest")
-        bicubic = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
-        panels = [image[window][0] for image in (lr_up, bicubic, sr, hr)]
-        strip = torch.cat(panels, dim=-1)
-        array = (strip.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
-        log_image(logger, f"val_images/{set_name}", array, caption=f"{name}: LR | bicubic | SR | HR",
-                  step=self.global_step)
-
     # ------------------------------------------------------------------ Lightning: predict
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         sr = self.super_resolve(batch["lr"])
         return {"sr": sr, "name": batch.get("name", [f"{batch_idx:06d}"])}
-
-
-def log_image(logger: Any, key: str, image: np.ndarray, caption: str, step: int) -> None:
-    """Logs an HxWx3 uint8 image to W&B or TensorBoard; other loggers are ignored."""
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
-    if isinstance(logger, WandbLogger):
-        logger.log_image(key=key, images=[image], caption=[caption], step=step)
-    elif isinstance(logger, TensorBoardLogger):
-        logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
