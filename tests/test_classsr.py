@@ -323,13 +323,15 @@ def test_profile_headline_is_the_routed_cost_at_the_class_proportions() -> None:
         evaluated.network.classifier.linear.bias.copy_(torch.tensor([0.3, 0.0, -0.3]))
     counts = torch.zeros(3)
     generator = torch.Generator().manual_seed(1)
-    for name in ("a", "b"):
+    images = []
+    for _ in ("a", "b"):  # what SRModule's evaluation calls for each image, then once for the set
         lr = torch.rand(1, 3, 60, 88, generator=generator) * torch.linspace(0, 1, 88)  # flat to busy
-        with torch.no_grad():
+        with torch.no_grad(), evaluated.measuring() as measured_values:
             sr = evaluated.infer(lr)
         counts += evaluated._last_route.patches_per_network
-        evaluated.on_eval_image("val", "gen", name, lr, sr.clamp(0, 1), sr.clamp(0, 1))
-    evaluated._aggregate_eval("val")
+        images.append(evaluated.image_measurements(measured_values, sr.clamp(0, 1), sr.clamp(0, 1)))
+    gen = evaluated.set_measurements(images)
+    evaluated.on_eval_measured("val", {"gen": gen}, gen, len(images))
     checkpoint: dict = {}
     evaluated.on_save_checkpoint(checkpoint)
     measured = ClassSRModule(network=network).eval()
