@@ -1,0 +1,89 @@
+"""Summaries of ``benchmarks/reproduce.py``: mean and spread over seeds, the table, the plain reading and the
+experiment's section of docs/reproduction.md (between ``<!-- reproduce:NAME begin/end -->`` markers)."""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def _sd(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) >= 2 else None
+
+
+def aggregate(models: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per model name: role, number of seeds, cost and per-set PSNR-Y/SSIM-Y mean and sd over the seeds."""
+    summary: dict[str, dict[str, Any]] = {}
+    for entry in models:
+        summary.setdefault(entry["name"], {"role": entry["role"], "entries": []})["entries"].append(entry)
+    for row in summary.values():
+        entries = row.pop("entries")
+        row["n_seeds"] = len(entries)
+        for key in ("macs_720p", "params", "latency_ms_720p"):
+            row[key] = statistics.mean(entry[key] for entry in entries)
+        row["sets"] = {}
+        for set_name in entries[0]["sets"]:
+            psnr = [entry["sets"][set_name]["psnr_y"] for entry in entries]
+            ssim = [entry["sets"][set_name]["ssim_y"] for entry in entries]
+            row["sets"][set_name] = {"n_images": entries[0]["sets"][set_name]["n_images"],
+                                     "psnr_y_mean": statistics.mean(psnr), "psnr_y_sd": _sd(psnr),
+                                     "ssim_y_mean": statistics.mean(ssim), "ssim_y_sd": _sd(ssim)}
+    return summary
+
+
+def _pm(mean: float, sd: float | None, digits: int) -> str:
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def format_markdown_table(summary: dict[str, dict[str, Any]]) -> str:
+    """The summary as a Markdown table (mean ± sd over seeds; no ± with one seed)."""
+    lines = ["| model | role | seeds | set | n | PSNR-Y [dB] | SSIM-Y | GMACs@720p | params | CPU ms@720p |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in summary.items():
+        for set_name, values in row["sets"].items():
+            lines.append(
+                f"| {name} | {row['role']} | {row['n_seeds']} | {set_name} | {values['n_images']} | "
+                f"{_pm(values['psnr_y_mean'], values['psnr_y_sd'], 2)} | "
+                f"{_pm(values['ssim_y_mean'], values['ssim_y_sd'], 4)} | {row['macs_720p'] / 1e9:.3f} | "
+                f"{row['params'] / 1e3:.1f}K | {row['latency_ms_720p']:.0f} |")
+    return "\n".join(lines)
+
+
+def reading(claim: tuple[str, str], summary: dict[str, dict[str, Any]]) -> list[str]:
+    """Plain sentences: the method's PSNR-Y gap to the baseline per set, and whether it exceeds the spread.
+
+    An effect counts as shown when the gap exceeds twice the combined seed sd (sqrt(sd_m² + sd_b²)); with a
+    single seed per model the spread is not measured and the sentence says so.
+    """
+    method, baseline = claim
+    sentences = []
+    for set_name, values in summary[method]["sets"].items():
+        other = summary[baseline]["sets"][set_name]
+        gap = values["psnr_y_mean"] - other["psnr_y_mean"]
+        sds = [sd for sd in (values["psnr_y_sd"], other["psnr_y_sd"]) if sd is not None]
+        spread = math.sqrt(sum(sd * sd for sd in sds)) if sds else None
+        direction = "above" if gap > 0 else "below"
+        text = (f"{set_name} ({values['n_images']} images): {method} is {abs(gap):.2f} dB PSNR-Y {direction} "
+                f"{baseline} (mean of {summary[method]['n_seeds']} seed(s))")
+        if spread is None:
+            text += "; one seed per model, so the spread is not measured: rerun with --seeds 3 to measure it."
+        elif abs(gap) > 2 * spread:
+            text += f"; the gap is {abs(gap) / spread:.1f}× the seed spread ({spread:.3f} dB sd): effect shown."
+        else:
+            text += f"; within twice the seed spread ({spread:.3f} dB sd): effect not shown."
+        sentences.append(text)
+    return sentences
+
+
+def update_docs(docs: Path, name: str, section: str) -> None:
+    """Replaces the experiment's section of ``docs`` (between its markers), appending it when absent."""
+    begin, end = f"<!-- reproduce:{name} begin -->", f"<!-- reproduce:{name} end -->"
+    block = f"{begin}\n{section.strip()}\n{end}"
+    text = docs.read_text() if docs.exists() else "# Reproductions\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text(text)
