@@ -1,0 +1,222 @@
+"""`effsr compare` and the reproduction harness (benchmarks/reproduce.py) on tiny fabricated data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from effsr.archs import EDSR
+from effsr.cli import main
+from effsr.compare import pareto_front, pareto_plot
+from effsr.cost import count_params, macs_at_720p
+from effsr.data.io import read_image, write_image
+from effsr.metrics import psnr, ssim
+from effsr.models import SRModule
+from effsr.ops.imresize import imresize
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+TINY = TESTS / "configs" / "tiny_edsr.yaml"
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+
+
+@pytest.fixture(scope="module")
+def fabricated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two smooth 48×64 HR images with their ×2 LR files (HR_DIR:LR_DIR), and two 4-step EDSR checkpoints
+    trained with different seeds on them (validation off)."""
+    root = tmp_path_factory.mktemp("compare")
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:48, 0:64]
+    for index in range(2):
+        hr = np.stack([127 + 90 * np.sin(x / 6 + index), 127 + 90 * np.cos(y / 7), 127 + 50 * np.sin((x + y) / 9)], -1)
+        hr = np.clip(hr + rng.normal(0, 4, hr.shape), 0, 255).astype(np.uint8)
+        lr = imresize(_to_tensor(hr), scale=0.5).clamp(0, 1).mul(255).round().byte()[0].permute(1, 2, 0).numpy()
+        write_image(root / "fabset" / f"img{index}.png", hr)
+        write_image(root / "fabset_lr" / f"img{index}.png", lr)
+    paths = {"hr": root / "fabset", "lr": root / "fabset_lr", "root": root}
+    for name, seed in (("run_a", 1), ("run_b", 2)):
+        code = main(["fit", "--config", str(TINY), "--trainer.logger=false", "--trainer.limit_val_batches=0",
+                     f"--trainer.default_root_dir={root / name}", f"--seed_everything={seed}",
+                     f"--data.train={root / 'fabset'}"])
+        assert code == 0
+        paths[name] = root / name / "checkpoints" / "last.ckpt"
+    return paths
+
+
+def _expected(sr_of, paths: dict[str, Path]) -> tuple[float, float]:
+    """Mean Y-PSNR/SSIM of ``sr_of(lr)`` over the fabricated set, computed here from the image files."""
+    psnrs, ssims = [], []
+    for hr_path in sorted(paths["hr"].glob("*.png")):
+        hr, lr = _to_tensor(read_image(hr_path)), _to_tensor(read_image(paths["lr"] / hr_path.name))
+        with torch.inference_mode():
+            sr = sr_of(lr)
+        psnrs.append(float(psnr(sr, hr, crop_border=2, y_channel=True)[0]))
+        ssims.append(float(ssim(sr, hr, crop_border=2, y_channel=True)[0]))
+    return float(np.mean(psnrs)), float(np.mean(ssims))
+
+
+def _tiny_module(checkpoint: Path) -> SRModule:
+    """The tiny EDSR of a checkpoint, built here from its run's config.yaml and its state dict."""
+    config = yaml.safe_load((checkpoint.parents[1] / "config.yaml").read_text())
+    network = config["model"]["init_args"]["network"]["init_args"]
+    module = SRModule(EDSR(2, num_features=network["num_features"], num_blocks=network["num_blocks"]))
+    module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    return module.eval()
+
+
+def _wandb_summary(run_dir: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(run_dir)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_compare_evaluates_bicubic_and_checkpoints_with_one_protocol(
+    fabricated: dict[str, Path], tmp_path: Path, no_wandb_credentials: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    test_set = f"{fabricated['hr']}:{fabricated['lr']}"
+    code = main(["compare", "bicubic", f"first={fabricated['run_a']}", str(fabricated["run_b"]), "--scale", "2",
+                 "--test_sets", f"[{test_set}]", "--output_dir", str(out), "--latency_repeats", "2",
+                 "--logger", "wandb"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    table = printed[printed.index("CPU ms ("):]
+    assert all(name in table for name in ("bicubic", "first", "run_b", "fabset"))
+
+    report = json.loads((out / "compare.json").read_text())
+    assert [model["name"] for model in report["models"]] == ["bicubic", "first", "run_b"]
+    assert report["latency"]["torch_threads"] == torch.get_num_threads() and report["latency"]["repeats"] == 2
+    assert report["latency"]["hr_size"] == [720, 1280]
+    models = {model["name"]: model for model in report["models"]}
+    bicubic_psnr, bicubic_ssim = _expected(lambda lr: imresize(lr, scale=2).clamp(0, 1), fabricated)
+    assert models["bicubic"]["sets"]["fabset"]["psnr_y"] == pytest.approx(bicubic_psnr, abs=1e-9)
+    assert models["bicubic"]["sets"]["fabset"]["ssim_y"] == pytest.approx(bicubic_ssim, abs=1e-9)
+    assert models["bicubic"]["params"] == 0
+    for name, run in (("first", "run_a"), ("run_b", "run_b")):
+        entry = models[name]
+        module = _tiny_module(fabricated[run])
+        expected_psnr, expected_ssim = _expected(module.super_resolve, fabricated)
+        row = entry["sets"]["fabset"]
+        assert row["n_images"] == 2
+        assert row["psnr_y"] == pytest.approx(expected_psnr, abs=1e-6)
+        assert row["ssim_y"] == pytest.approx(expected_ssim, abs=1e-6)
+        assert row["macs_720p"] == entry["macs_720p"] == macs_at_720p(module.network, 2)
+        assert row["params"] == entry["params"] == count_params(module.network)
+        assert entry["latency_ms_720p"] > 0 and entry["checkpoint"] == str(fabricated[run].resolve())
+    # different seeds -> different weights: each checkpoint's own weights were evaluated
+    assert models["first"]["sets"]["fabset"]["psnr_y"] != models["run_b"]["sets"]["fabset"]["psnr_y"]
+
+    image = cv2.imread(str(out / "pareto.png"))
+    assert image is not None and image.shape[0] > 100 and image.shape[1] > 100
+    run_dir = Path(report["wandb_run"])
+    assert run_dir.parent == out / "wandb" and run_dir.name.startswith("offline-run-")
+    tables = list((run_dir / "files" / "media" / "table" / "compare").glob("table_*.table.json"))
+    assert len(tables) == 1
+    logged = json.loads(tables[0].read_text())
+    assert [row[0] for row in logged["data"]] == ["bicubic", "first", "run_b"]
+    summary = _wandb_summary(run_dir)["summary"]
+    assert summary["compare/table"]["nrows"] == 3 and summary["compare/pareto"]["format"] == "png"
+    assert summary["compare/fabset/psnr_y_vs_gmacs_table"]["nrows"] == 3
+    assert summary["first/fabset/psnr_y"] == pytest.approx(models["first"]["sets"]["fabset"]["psnr_y"])
+
+
+def test_compare_errors_name_the_problem(fabricated: dict[str, Path], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--test_sets", f"[{fabricated['hr']}]", "--output_dir", str(tmp_path)]
+    assert main(["compare", str(fabricated["run_a"]), "--scale", "4", *base]) == 2
+    assert "is a ×2 model" in capsys.readouterr().err
+    missing = tmp_path / "nope" / "last.ckpt"
+    assert main(["compare", f"x={missing}", "--scale", "2", *base]) == 2
+    assert f"checkpoint file {missing} does not exist" in capsys.readouterr().err
+    assert main(["compare", "bicubic", f"bicubic={fabricated['run_a']}", "--scale", "2", *base]) == 2
+    assert "two models are named 'bicubic'" in capsys.readouterr().err
+    wider = tmp_path / "wider.yaml"
+    wider.write_text((fabricated["run_a"].parents[1] / "config.yaml").read_text()
+                     .replace("num_features: 8", "num_features: 12"))
+    assert main(["compare", f"{fabricated['run_a']}@{wider}", "--scale", "2", *base]) == 2
+    assert "does not fit the network" in capsys.readouterr().err
+    assert not (tmp_path / "compare.json").exists()
+
+
+def test_pareto_front_and_opencv_plot_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    points = [("a", 1.0, 30.0), ("b", 0.1, 28.0), ("c", 2.0, 29.0), ("d", 5.0, 31.0), ("e", 0.0, 27.0)]
+    assert [name for name, _, _ in pareto_front(points)] == ["e", "b", "a", "d"]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    path = tmp_path / "plot.png"
+    assert pareto_plot({"setA": points, "setB": points[:2]}, path, "title") == "cv2"
+    image = cv2.imread(str(path))
+    assert image is not None and image.shape[1] == 2 * 560
+    assert (image < 128).any()  # something was drawn
+
+
+def _load_harness(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return module
+
+
+def test_reproduce_summary_reports_mean_sd_and_whether_the_gap_exceeds_the_spread() -> None:
+    report = _load_harness("_reproduce_report")
+
+    def entry(name: str, seed: int | None, value: float) -> dict:
+        return {"name": name, "role": "method" if name == "m" else "baseline", "seed": seed, "macs_720p": 1e9,
+                "params": 1e3, "latency_ms_720p": 5.0, "sets": {"S": {"psnr_y": value, "ssim_y": 0.9, "n_images": 4}}}
+
+    summary = report.aggregate([entry("m", 0, 30.0), entry("m", 1, 30.2), entry("m", 2, 30.4), entry("b", None, 29)])
+    assert summary["m"]["n_seeds"] == 3 and summary["m"]["sets"]["S"]["psnr_y_mean"] == pytest.approx(30.2)
+    assert summary["m"]["sets"]["S"]["psnr_y_sd"] == pytest.approx(0.2)
+    assert summary["b"]["sets"]["S"]["psnr_y_sd"] is None
+    assert "effect shown" in report.reading(("m", "b"), summary)[0]
+    assert "1.20 dB PSNR-Y above b" in report.reading(("m", "b"), summary)[0]
+    close = report.aggregate([entry("m", 0, 29.0), entry("m", 1, 29.4), entry("b", None, 29.1)])
+    assert "effect not shown" in report.reading(("m", "b"), close)[0]
+
+
+def test_reproduce_smoke_on_fresh_clone_defaults_then_cached(fabricated: dict[str, Path], tmp_path: Path) -> None:
+    """The harness end to end with its defaults (sample set), then a rerun on another test set: nothing trains."""
+    work, docs = tmp_path / "work", tmp_path / "docs" / "reproduction.md"
+    command = [sys.executable, str(REPO / "benchmarks" / "reproduce.py"), "smoke", "--work-dir", str(work),
+               "--docs", str(docs), "--latency-repeats", "1"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    result = json.loads((work / "smoke.json").read_text())
+    assert result["time"]["trained_this_run"] == ["edsr_tiny-s0"] and result["train"] == ["sample"]
+    assert {model["name"]: model["role"] for model in result["models"]} == {"edsr_tiny": "method",
+                                                                           "bicubic": "baseline"}
+    method = next(model for model in result["models"] if model["name"] == "edsr_tiny")
+    assert method["seed"] == 0 and method["extra"]["global_step"] == 4
+    assert method["sets"]["sample"]["n_images"] == 3 and method["macs_720p"] > 0
+    text = docs.read_text()
+    assert text.count("<!-- reproduce:smoke begin -->") == 1 and "| edsr_tiny | method | 1 | sample | 3 |" in text
+    assert cv2.imread(str(docs.parent / "reproduction" / "smoke.png")) is not None
+    marker = next((work / "runs" / "edsr_tiny").glob("seed0-*/stage0/finished.json"))
+    stamp = marker.stat().st_mtime_ns, Path(method["checkpoint"]).stat().st_mtime_ns
+
+    second = subprocess.run([*command, "--test", str(fabricated["hr"])], capture_output=True, text=True,
+                            timeout=900, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "stage 0: cached" in second.stdout and "training (" not in second.stdout
+    rerun = json.loads((work / "smoke.json").read_text())
+    assert rerun["time"]["trained_this_run"] == [] and list(rerun["models"][0]["sets"]) == ["fabset"]
+    assert (marker.stat().st_mtime_ns, Path(method["checkpoint"]).stat().st_mtime_ns) == stamp
+    assert docs.read_text().count("<!-- reproduce:smoke begin -->") == 1
