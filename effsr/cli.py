@@ -211,6 +211,9 @@ class EffSRCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         apply_thread_count(config.get("threads"))
+        if config.get("trainer", {}).get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
+            self.trainer_defaults["callbacks"] = [callback for callback in self.trainer_defaults["callbacks"]
+                                                  if not isinstance(callback, PhaseProgressBar)]
         model = config.get("model")
         if model is not None and model.get("init_args") is not None:
             config_files = [str(path) for path in config.get("config") or []]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ import torch
 from effsr.checkpointing import AtomicCheckpointIO
 from effsr.cli import EffSRCLI, main
 from effsr.data.io import read_image, write_image
-from effsr.errors import TrainingError
+from effsr.errors import ConfigError, TrainingError
 from effsr.models import SRModule
 
 TESTS = Path(__file__).parent
@@ -100,10 +103,154 @@ def test_config_typo_names_the_option(tmp_path: Path) -> None:
     assert "num_featurs" in result.stderr
 
 
+def _last_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("option", "expected"), [
+    ("--model.init_args.sparsity_wieght", "option model.init_args.sparsity_wieght is not accepted by "
+     "effsr.methods.smsr.SMSRModule; did you mean model.init_args.sparsity_weight"),
+    ("--model.init_args.network.init_args.num_featurs", "option model.init_args.network.init_args.num_featurs is "
+     "not accepted by effsr.methods.smsr.SMSR; did you mean model.init_args.network.init_args.num_features"),
+    ("--trainer.max_stepz", "option trainer.max_stepz is not accepted by `effsr fit`; did you mean trainer.max_steps"),
+])
+def test_option_typo_is_the_last_line_with_the_closest_names(option: str, expected: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fit", "--config", "tiny/smsr_x2", option, "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[-1].startswith(f"effsr: error: {expected}")  # no usage dump before it
+
+
+def test_missing_member_checkpoint_names_the_file_and_its_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", "nm_adaptive_x4", "--trainer.logger=false"]
+    assert main(args) == 2
+    assert _last_error_line(capsys) == (
+        "effsr: error: model.init_args.checkpoints[0]: checkpoint runs/nm_carn_x4_budget1.0/last.ckpt does not exist; "
+        "train it with: effsr fit --config experiments/nm_carn_x4.yaml --model.init_args.budget 1.0 "
+        "--trainer.logger.init_args.save_dir runs/nm_carn_x4_budget1.0, then copy the run's checkpoints/last.ckpt "
+        "to runs/nm_carn_x4_budget1.0/last.ckpt")
+    (tmp_path / "runs" / "nm_carn_x4_budget1.0").mkdir(parents=True)
+    (tmp_path / "runs" / "nm_carn_x4_budget1.0" / "last.ckpt").touch()  # the first member exists: the next one
+    assert main(args) == 2
+    assert "checkpoints[1]: checkpoint runs/nm_carn_x4_budget0.5/last.ckpt does not exist" in _last_error_line(capsys)
+    assert main(["fit", "--config", "tiny/nm_x4", "--model.init_args.dense_checkpoint", "dense.ckpt"]) == 2
+    assert _last_error_line(capsys).startswith(
+        "effsr: error: model.init_args.dense_checkpoint: checkpoint dense.ckpt does not exist")
+
+
 def test_no_arguments_lists_experiments(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 0
     output = capsys.readouterr().out
     assert "effsr fit --config" in output and "bicubic_x4.yaml" in output
+
+
+def test_wheel_ships_the_experiment_configs(tmp_path: Path) -> None:
+    """A wheel built from the sources holds every YAML of experiments/ under effsr/experiments/."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "effsr", source / "effsr", symlinks=True, ignore=ignore)
+    shutil.copytree(REPO / "experiments", source / "experiments", ignore=ignore)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            str(source), "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("effsr-*.whl")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".yaml")}
+    expected = {f"effsr/experiments/{path.relative_to(REPO / 'experiments').as_posix()}"
+                for path in (REPO / "experiments").rglob("*.yaml")}
+    assert expected and expected <= shipped
+    assert {"effsr/experiments/smsr_x4.yaml", "effsr/experiments/tiny/smsr_x2.yaml",
+            "effsr/experiments/trainer/ddp.yaml", "effsr/configs/demo.yaml"} <= shipped
+
+
+def test_packaged_configs_by_name_from_a_folder_without_experiments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from effsr.cli_support import PACKAGED_EXPERIMENTS, resolve_config, resolve_config_args
+
+    monkeypatch.chdir(tmp_path)
+    packaged = str(PACKAGED_EXPERIMENTS / "smsr_x4.yaml")
+    assert resolve_config("smsr_x4") == resolve_config("smsr_x4.yaml") == packaged
+    assert resolve_config("experiments/smsr_x4.yaml") == packaged  # the paths of the docs work from anywhere
+    args = ["fit", "--config", "tiny/smsr_x2", "--config=trainer/ddp", "-c", "bicubic_x4"]
+    assert resolve_config_args(args) == [
+        "fit", "--config", str(PACKAGED_EXPERIMENTS / "tiny" / "smsr_x2.yaml"),
+        f"--config={PACKAGED_EXPERIMENTS / 'trainer' / 'ddp.yaml'}", "-c",
+        str(PACKAGED_EXPERIMENTS / "bicubic_x4.yaml")]
+    (tmp_path / "smsr_x4").write_text("{}")  # an existing file wins over the packaged name
+    assert resolve_config("smsr_x4") == "smsr_x4"
+    with pytest.raises(ConfigError, match=r"no packaged experiment 'smsr_x5'. Did you mean smsr_x4"):
+        resolve_config("smsr_x5")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "tiny/smsr_x2", "--config", "trainer/ddp_cpu", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "SMSRModule" in printed and "strategy: ddp" in printed and "devices: 2" in printed
+    assert main([]) == 0
+    listing = capsys.readouterr().out
+    assert str(PACKAGED_EXPERIMENTS) in listing and "tiny/smsr_x2.yaml" in listing and "--config smsr_x4" in listing
+
+
+@pytest.fixture
+def restore_threads() -> Iterator[int]:
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
+
+
+def test_threads_option_then_omp_num_threads_then_torch_default(
+    restore_threads: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from effsr.cli_support import apply_thread_count
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    EffSRCLI(args=["--config", str(TINY), "--trainer.logger=false", "--threads", "2"], run=False)
+    assert torch.get_num_threads() == 2
+    assert "[effsr] 2 CPU threads (--threads)" in capsys.readouterr().out
+    assert apply_thread_count(None) == (1, "OMP_NUM_THREADS") and torch.get_num_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    torch.set_num_threads(restore_threads)
+    count, why = apply_thread_count(None)
+    assert count == restore_threads and why.startswith("torch's default")
+    assert capsys.readouterr().out.count("[effsr]") == 2
+    with pytest.raises(ConfigError, match="--threads must be >= 1"):
+        apply_thread_count(0)
+
+
+def test_sigterm_exits_nonzero_and_last_checkpoint_resumes(tmp_path: Path) -> None:
+    """`kill <pid>` of a running `effsr fit`: exit 143 (not 0), and `--ckpt_path last` resumes the run."""
+    root = tmp_path / "run"
+    common = ["fit", "--config", str(TINY), "--trainer.logger=false", "--trainer.limit_val_batches=0",
+              "--trainer.enable_progress_bar=false", "--trainer.default_root_dir", str(root)]
+    last = root / "checkpoints" / "last.ckpt"
+    with open(tmp_path / "out.txt", "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "effsr.cli", *common, "--trainer.max_steps=1000000"],
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 240
+            while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert last.exists(), (tmp_path / "out.txt").read_text()[-3000:]
+            process.send_signal(signal.SIGTERM)
+            returncode = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    output = (tmp_path / "out.txt").read_text()
+    assert returncode == 143, output[-3000:]
+    assert "stopped by SIGTERM" in output
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert step > 0 and step % 4 == 0  # an epoch-end checkpoint (4 steps per epoch)
+    resumed = EffSRCLI(args=[*common, f"--trainer.max_steps={step + 4}", "--ckpt_path", "last"])  # in-process: faster
+    assert resumed.trainer.global_step == step + 4
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == step + 4
 
 
 class _NaNNet(torch.nn.Module):
