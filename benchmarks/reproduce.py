@@ -146,8 +146,8 @@ def run_experiment(experiment: Experiment, args: argparse.Namespace, command: st
                              *(["--logger", "wandb"] if args.wandb else []))
     print(f"  evaluating {len(compare_models)} models with effsr compare ({compare_dir / 'compare.log'})", flush=True)
     _run_logged(compare_command, compare_dir / "compare.log")
-    compared = {entry["name"]: entry for entry in json.loads((compare_dir / "compare.json").read_text())["models"]}
     report_json = json.loads((compare_dir / "compare.json").read_text())
+    compared = {entry["name"]: entry for entry in report_json["models"]}
     models = []
     for item in trained_models:
         entry, decl = compared[item["label"]], item["decl"]

@@ -220,3 +220,24 @@ def test_reproduce_smoke_on_fresh_clone_defaults_then_cached(fabricated: dict[st
     assert rerun["time"]["trained_this_run"] == [] and list(rerun["models"][0]["sets"]) == ["fabset"]
     assert (marker.stat().st_mtime_ns, Path(method["checkpoint"]).stat().st_mtime_ns) == stamp
     assert docs.read_text().count("<!-- reproduce:smoke begin -->") == 1
+
+
+def test_model_arguments_resolve_names_and_run_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from effsr.compare import parse_models
+
+    run = tmp_path / "edsr_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("data: {scale: 2}\n")
+    for name in ("last.ckpt", "epoch=0-step=4.ckpt"):
+        (run / "checkpoints" / name).write_bytes(b"")
+    other = tmp_path / "other.yaml"
+    other.write_text("data: {scale: 2}\n")
+    monkeypatch.chdir(run / "checkpoints")
+    specs = parse_models([str(run / "checkpoints" / "last.ckpt"), "epoch=0-step=4.ckpt", f"mine={other}",
+                          f"x=last.ckpt@{other}", "BICUBIC"])
+    assert [(spec.name, spec.kind) for spec in specs] == [
+        ("edsr_run", "checkpoint"), ("edsr_run/epoch=0-step=4", "checkpoint"), ("mine", "config"),
+        ("x", "checkpoint"), ("bicubic", "bicubic")]
+    assert specs[0].configs == specs[1].configs == ((run / "config.yaml").resolve(),)
+    assert specs[3].configs == (other.resolve(),)
+    assert specs[3].checkpoint == (run / "checkpoints" / "last.ckpt").resolve()

@@ -54,7 +54,10 @@ def find_run_config(checkpoint: Path) -> Path | None:
 
 
 def _split_name(text: str) -> tuple[str | None, str]:
-    """``NAME=MODEL`` → (NAME, MODEL); a ``=`` inside a path (after a ``/``) is not a name separator."""
+    """``NAME=MODEL`` → (NAME, MODEL). A ``=`` inside a path (after a ``/``, or in an existing file's name such
+    as Lightning's ``epoch=0-step=4.ckpt``) is not a name separator."""
+    if Path(text.partition("@")[0]).expanduser().is_file():
+        return None, text
     head, separator, tail = text.partition("=")
     if separator and tail and _NAME.match(head) and "/" not in head:
         return head, tail
