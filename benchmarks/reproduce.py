@@ -189,7 +189,9 @@ def _write_docs(experiment: Experiment, result: dict[str, Any], summary: dict[st
     timing = result["time"]
     section = "\n".join([
         f"## {experiment.name}", "", experiment.summary, "",
-        f"- Command: `{result['command']}` (then once more: everything cached, it only evaluates)",
+        f"- Command: `{result['command']}`; this invocation "
+        + (f"trained {', '.join(timing['trained_this_run'])}" if timing["trained_this_run"]
+           else "trained nothing (every run cached) and only evaluated"),
         f"- Data: train {_describe_data(result['train'], '12 training photographs')}; test "
         f"{_describe_data(result['test'], '3 held-out photographs')}; ×{experiment.scale}, LR by MATLAB bicubic",
         f"- Time: training {timing['train_seconds_recorded'] / 60:.1f} min (recorded by the runs), evaluation "
