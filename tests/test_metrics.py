@@ -110,7 +110,7 @@ CASES = [  # kind, (N,C,H,W), crop, y_channel: the minimal 11x11 valid size, odd
     ("flat", (2, 3, 16, 19), 2, False),
     ("checker", (2, 1, 33, 27), 0, True),
     ("checker", (1, 3, 45, 12), 0, False),
-    ("photo", (1, 3, 130, 161), 2, False),  # more than one row chunk at the default chunk size
+    ("photo", (1, 3, 130, 161), 2, False),
 ]
 
 
