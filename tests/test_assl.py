@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -173,20 +174,24 @@ def test_growing_l2_schedule_values() -> None:
     assert restored.alpha("b", 500) == growth.alpha("b", 500)
 
 
-def test_ssa_loss_rewards_alignment() -> None:
+@pytest.mark.parametrize("threshold", ["kept", "detached"])
+def test_ssa_loss_rewards_alignment(threshold: str) -> None:
     base = torch.linspace(0.1, 1.0, 8)
-    aligned = ssa_loss([base, base.clone(), base.clone()], num_pruned=4)
-    misaligned = ssa_loss([base, base.flip(0), base.roll(3)], num_pruned=4)
+    aligned = ssa_loss([base, base.clone(), base.clone()], num_pruned=4, threshold=threshold)
+    misaligned = ssa_loss([base, base.flip(0), base.roll(3)], num_pruned=4, threshold=threshold)
     assert aligned < misaligned
-    undecided = nn.Parameter(0.5 + 0.01 * torch.randn(8, generator=torch.Generator().manual_seed(0)))
-    optimizer = torch.optim.SGD([undecided], lr=0.5)
-    start = ssa_loss([base, undecided], num_pruned=4).item()
-    for _ in range(100):
-        optimizer.zero_grad()
-        ssa_loss([base, undecided], num_pruned=4).backward()
-        optimizer.step()
-    assert set(torch.topk(undecided.detach(), 4).indices.tolist()) == {4, 5, 6, 7}
-    assert ssa_loss([base, undecided], num_pruned=4).item() < start
+    # Its gradient at an undecided layer (γ ≈ 0.5) raises γ more where the decided layer keeps its filters
+    # (4..7) than where it prunes them (0..3): descent aligns the layers. (The "kept" form's boundary filter
+    # carries the threshold's gradient, the sum of the others' with the opposite sign.)
+    undecided = (0.5 + 0.01 * torch.randn(8, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    ssa_loss([base, undecided], num_pruned=4, threshold=threshold).backward()
+    ascent = -undecided.grad
+    boundary = int(torch.argsort(undecided.detach(), stable=True)[4]) if threshold == "kept" else -1
+    kept = [ascent[i] for i in range(4, 8) if i != boundary]
+    pruned = [ascent[i] for i in range(4) if i != boundary]
+    assert min(kept) > max(pruned) > 0
+    if threshold == "kept":
+        assert ascent[boundary] == pytest.approx(-(ascent.sum() - ascent[boundary]).item(), rel=1e-5)
 
 
 def make_module(**options: object) -> ASSLModule:
@@ -296,7 +301,8 @@ def test_trainer_runs_all_phases_and_resumes_in_wn_and_compact_stages(tmp_path: 
 
 
 def test_tiny_config_runs_every_phase_then_test_and_profile(tmp_path: Path, no_wandb_credentials: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            assert_psnr_in_range: Callable[[float], None]) -> None:
     from effsr.cli import main
 
     fused_stages: list[str] = []
@@ -334,7 +340,7 @@ def test_tiny_config_runs_every_phase_then_test_and_profile(tmp_path: Path, no_w
     assert "compact" in validated_stages and set(fused_stages) == {"compact"}  # val and test ran fused
     results = json.loads((root / "test_results.json").read_text())
     dense_params = sum(p.numel() for p in LEDSR(2, num_features=32, num_blocks=2).parameters())
-    assert results["sample"]["psnr_y"] > 15.0
+    assert_psnr_in_range(results["sample"]["psnr_y"])  # a learned level differs between CPUs
     assert results["sample"]["params"] < dense_params / 3
     report_path = tmp_path / "profile.json"
     assert main(["profile", "--config", config, "--ckpt_path", str(checkpoint_path), "--runs", "1",
