@@ -1,5 +1,5 @@
-"""Shared test set-up: one cache of the sample set per session, an environment free of the user's W&B and
-launcher settings, and the range check for PSNRs of short training runs."""
+"""Shared test set-up: one torch thread, one cache of the sample set per session, an environment free of the
+user's W&B and launcher settings, and the range check for PSNRs of short training runs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,18 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# One intra-op thread per process unless the caller sets OMP_NUM_THREADS: on a busy 2-core machine the
+# networks of the tests are so small that OpenMP's spin-waiting threads cost 5-20× the work (measured: a tiny
+# SMSR training step 0.9 s on 1 thread vs 5.7-17 s on 2 under load). Set before torch is imported, so the
+# CLI and DDP subprocesses of the tests inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ["OMP_NUM_THREADS"].isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # also when torch was imported before this file
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="effsr-test-"))
 (_SESSION_DIR / "cache").mkdir()
@@ -41,12 +50,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def isolated_test(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts from the same state whatever ran before it: fixed seeds (inputs drawn without a
     generator do not depend on the order or selection of tests), W&B offline (no upload, whatever credentials
-    the machine has) and no seed or W&B mode left in the environment by an earlier in-process run."""
+    the machine has) and no seed or W&B service left in the environment by an earlier in-process run."""
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+    # WANDB_SERVICE (set by the first in-process run) would hand a subprocess's runs to this process's
+    # wandb-core, which resolves relative save dirs in its own cwd (the repository root): files land there.
+    for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "WANDB_SERVICE"):
         monkeypatch.delenv(key, raising=False)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import types
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,15 +21,6 @@ SMALL = {
     MSRResNet: {"num_features": 8, "num_blocks": 2},
     RCAN: {"num_features": 16, "num_groups": 2, "num_blocks": 2, "reduction": 4},
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny forwards are dominated by OpenMP synchronisation on a busy machine: run them on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def count(module: nn.Module) -> int:

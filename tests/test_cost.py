@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,15 +17,6 @@ from effsr.cost import (
     macs_at_720p,
     macs_per_lr_patch,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny forwards are dominated by OpenMP synchronisation on a busy machine: run them on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def meta(cls: type[nn.Module], scale: int, **kwargs: object) -> nn.Module:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,15 +10,6 @@ from torch import Tensor, nn
 
 from effsr.archs import EDSR, FSRCNN
 from effsr.profile import format_profile_table, profile_network
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny forwards are dominated by OpenMP synchronisation on a busy machine: run them on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_edsr_baseline_profile() -> None:
