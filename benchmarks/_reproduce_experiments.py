@@ -10,6 +10,7 @@ entries of :data:`EXPERIMENTS` without touching the harness.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,31 @@ def training_record(context: ExtraContext) -> dict[str, Any]:
     return {"global_step": int(checkpoint.get("global_step", -1)), "train_seconds": context.train_seconds}
 
 
+def smsr_masks(context: ExtraContext) -> dict[str, Any]:
+    """SMSR: each set's mean spatial density per SMM (its test_results.json, measured on that set's images) and
+    the dense output channels per layer of each SMM (the checkpoint's hard channel masks), plus the training
+    record."""
+    record = training_record(context)
+    if context.checkpoint is None:
+        return record
+    from effsr.weights import read_checkpoint, state_dict_of
+
+    state = state_dict_of(read_checkpoint(context.checkpoint), context.checkpoint)
+    masks = [state[key] for key in sorted((key for key in state if key.endswith(".body.ch_mask")),
+                                          key=lambda key: int(key.split(".")[2]))]
+    dense_channels = [(mask[0, :, :, 1] <= mask[0, :, :, 0]).sum(0).tolist() for mask in masks]
+    results = json.loads(Path(context.entry["test_results"]).read_text())
+    density = {
+        set_name: [row[f"spatial_density_smm{index}"] for index in range(len(masks))
+                   if f"spatial_density_smm{index}" in row]
+        for set_name, row in results.items()
+    }
+    return {**record, "spatial_density_per_smm": density, "dense_channels_per_smm_layer": dense_channels,
+            "channels": int(masks[0].shape[1]) if masks else None}
+
+
 _EDSR_SMALL = "experiments/small/edsr_small_x2.yaml"
+_SMSR_SMALL = "experiments/small/smsr_x2.yaml"
 _BICUBIC = ModelDecl("bicubic", "baseline", compare_as="bicubic", seeded=False)
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -90,6 +115,21 @@ EXPERIMENTS: dict[str, Experiment] = {
             summary="The demo's EDSR-small (32 features, 4 blocks) trained 400 steps vs MATLAB bicubic at ×2.",
             models=(ModelDecl("edsr_small", "method", (FitStage(_EDSR_SMALL),), extra=training_record), _BICUBIC),
             claim=("edsr_small", "bicubic"),
+        ),
+        Experiment(
+            name="smsr_x2",
+            scale=2,
+            summary="SMSR ×2 reduced (32 features, 3 SMMs of 4 layers, 1000 steps of batch 8, 32×32 LR patches): "
+                    "(a) sparsity loss + τ schedule 1 → 0.4, (b) the same with constant τ = 1 (official trainer), "
+                    "(c) the same network with all-dense masks and no sparsity loss.",
+            models=(
+                ModelDecl("smsr", "method", (FitStage(_SMSR_SMALL),), extra=smsr_masks),
+                ModelDecl("smsr_tau1", "variant", (FitStage(_SMSR_SMALL, ("--model.init_args.constant_tau=1.0",)),),
+                          extra=smsr_masks),
+                ModelDecl("dense", "baseline", (FitStage(_SMSR_SMALL, ("--model.init_args.dense_masks=true",)),),
+                          extra=training_record),
+            ),
+            claim=("smsr", "dense"),
         ),
         Experiment(
             name="smoke",

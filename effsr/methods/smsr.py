@@ -454,6 +454,16 @@ def analytic_macs_720p(network: SMSR, spatial_density: float | list[float]) -> t
     return int(sparse), int(dense)
 
 
+def plain_macs_720p(network: SMSR) -> int:
+    """MACs for a 1280x720 output of the network run as a plain dense CNN without its mask branches."""
+    _, dense = analytic_macs_720p(network, 1.0)
+    lr_height, lr_width = {2: (360, 640), 3: (240, 426), 4: (180, 320)}[network.scale]
+    quarter = network.head[0].out_channels // 4
+    width = network.head[0].out_channels
+    mask_branch = 9 * width * quarter + 9 * quarter * quarter / 4 + 9 * quarter * 2
+    return int(dense - lr_height * lr_width * len(network.body) * mask_branch)
+
+
 class SMSRModule(SRModule):
     """SMSR training/evaluation: L1 + λ·sparsity (linear warm-up), Gumbel τ from the ``tau`` schedule.
 
@@ -462,6 +472,9 @@ class SMSRModule(SRModule):
         sparsity_weight: λ after warm-up (paper 0.1).
         sparsity_warmup_steps: optimizer steps of the linear warm-up of λ (paper: 50 "epochs" of 1000 iterations).
         constant_tau: if set, τ stays at this value (official code behaviour: 1.0) and the schedule is ignored.
+        dense_masks: train and evaluate the same network with every mask fixed all-dense and no sparsity loss
+            (the dense baseline: every channel at every position; the mask branches never run and are not
+            counted in its cost).
         **kwargs: forwarded to :class:`SRModule`.
     """
 
@@ -472,12 +485,14 @@ class SMSRModule(SRModule):
         sparsity_weight: float = 0.1,
         sparsity_warmup_steps: int = 50_000,
         constant_tau: float | None = None,
+        dense_masks: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(network, *args, **kwargs)
         self.sparsity_weight = sparsity_weight
         self.sparsity_warmup_steps = sparsity_warmup_steps
         self.constant_tau = constant_tau
+        self.dense_masks = dense_masks
         if constant_tau is not None:
             network.tau = constant_tau
         self._measured_densities: list[float] | None = None
@@ -488,6 +503,9 @@ class SMSRModule(SRModule):
         return self.sparsity_weight * min(self.global_step / self.sparsity_warmup_steps, 1.0)
 
     def training_loss(self, lr: Tensor, hr: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.dense_masks:
+            l1 = F.l1_loss(self.network.forward_dense(lr), hr)
+            return l1, {"l1": l1.detach()}
         sr, sparsity = self.network.forward_train(lr)
         l1 = F.l1_loss(sr, hr)
         weight = self.sparsity_lambda()
@@ -512,6 +530,8 @@ class SMSRModule(SRModule):
 
     def infer(self, lr: Tensor) -> Tensor:
         """The network (sparse path in eval); in evaluation each SMM's active pixels are measured."""
+        if self.dense_masks:
+            return self.network.forward_dense(lr)
         sr = self.network(lr)
         if not self.network.training and self.network.last_spatial:
             pixels = self.network.last_spatial[0][:, 0].numel()
@@ -538,7 +558,14 @@ class SMSRModule(SRModule):
     def cost_report(self) -> dict[str, float]:
         """MACs at 720p of the sparse path at each SMM's mean measured spatial density over the images of the
         last evaluation (the paper's convention; per pixel this is exactly what the sparse path executed;
-        density 1 before any evaluation), and dense. Per-set values: :meth:`image_measurements`."""
+        density 1 before any evaluation), and dense. Per-set values: :meth:`image_measurements`.
+        With ``dense_masks`` both are the plain network's (no mask branches) and ``params`` excludes the masks."""
+        if self.dense_masks:
+            plain = plain_macs_720p(self.network)
+            params = sum(p.numel() for name, p in self.network.named_parameters()
+                         if ".spa_mask." not in name and not name.endswith("ch_mask")) - 2 * 12
+            return {"params": float(params), "macs_720p": float(plain), "macs_720p_dense": float(plain),
+                    "spatial_density": 1.0}
         per_module = self._measured_densities or 1.0
         sparse, dense = analytic_macs_720p(self.network, per_module)
         density = sum(per_module) / len(per_module) if self._measured_densities else 1.0
