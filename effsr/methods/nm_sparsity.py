@@ -20,6 +20,7 @@ to argmin_k est_MSE_k + λ·cost_k; :class:`AdaptiveNMModule` trains the estimat
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from effsr.cost import MacCounter, count_macs, count_params, lr_size_for_720p, macs_at_720p
@@ -35,6 +37,9 @@ from effsr.inference.tiling import routed_forward
 from effsr.models.base import SRModule, _default_optimizer
 
 Mode = Literal["search", "oneshot", "srste"]
+CostUnit = Literal["fraction", "patch_macs"]
+AnnealRule = Literal["fraction", "ratio"]
+ScoreClamp = Literal["forward", "inplace"]
 SCORE_GROUP = "nm_scores"
 
 
@@ -82,6 +87,7 @@ class NMConv2d(nn.Conv2d):
         self.enabled = True
         self._last_macs = 0
         self._last_n = m
+        self._last_image_macs = 0
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, m: int, score_max: float = 1.03) -> NMConv2d:
@@ -149,9 +155,16 @@ class NMConv2d(nn.Conv2d):
         if x.device.type != "meta":
             self._last_n = self.n
         output = self._conv_forward(x, self.sparse_weight(), self.bias)
-        dense = self.kernel_size[0] * self.kernel_size[1] * (self.in_channels // self.groups) * output.numel()
+        per_output = self.kernel_size[0] * self.kernel_size[1] * (self.in_channels // self.groups)
+        dense = per_output * output.numel()
         self._last_macs = dense * (self._last_n if self.enabled else self.m) // self.m
+        self._last_image_macs = per_output * output[0].numel() if output.dim() == 4 else dense
         return output
+
+    def image_macs(self) -> int:
+        """Dense MACs of this layer for ONE image of the last forward (the official cost unit: per training
+        patch, ``op_per_position · h_out · w_out``)."""
+        return self._last_image_macs
 
     def reported_macs(self) -> int:
         """MACs the N:M execution of the last forward performs (effsr.cost hook): N/M of the dense conv."""
@@ -261,6 +274,43 @@ def sparse_cost_fraction(network: nn.Module, differentiable: bool = True) -> Ten
     return torch.tensor(sum(layer.n / layer.m * float(layer.dense_macs) for layer in layers) / dense)
 
 
+def patch_cost(network: nn.Module) -> tuple[Tensor, int]:
+    """(Σ (N/M)·dense MACs per image of the last forward, differentiable; Σ dense MACs per image): the
+    official SLS cost, in MACs of one training patch (``compute_costs`` of the official code)."""
+    layers = list(nm_layers(network).values())
+    dense = sum(layer.image_macs() for layer in layers)
+    return sum(layer.soft_n() / layer.m * float(layer.image_macs()) for layer in layers), dense
+
+
+def fill_budget(layers: Sequence[NMConv2d], budget: float) -> dict[int, int]:
+    """Raises N, one unit at a time, while the N:M layers' cost stays ≤ ``budget`` of their dense MACs.
+
+    The unit added next is the one with the lowest cost per keep probability: for layer l at N_l its next unit
+    costs dense_l/M and ranks p_{l,N_l} (the cumulative score product, unit N_l); ties go to the earlier layer.
+    Returns {layer index: N}. Without it a search that stops below budget (one unit of a big layer can be a few
+    % of the cost) leaves "equal MACs" comparisons off by that much.
+    """
+    ns = [layer.n for layer in layers]
+    dense = [float(layer.dense_macs) for layer in layers]
+    target = budget * sum(dense)
+    cost = sum(n / layer.m * d for n, layer, d in zip(ns, layers, dense, strict=True))
+    with torch.no_grad():
+        probabilities = [layer.keep_probabilities().tolist() for layer in layers]
+    while True:
+        best, best_key = -1, math.inf
+        for index, layer in enumerate(layers):
+            step = dense[index] / layer.m
+            if ns[index] >= layer.m or cost + step > target * (1 + 1e-12):
+                continue
+            key = step / max(probabilities[index][ns[index] - 1], 1e-12)
+            if key < best_key:
+                best, best_key = index, key
+        if best < 0:
+            return dict(enumerate(ns))
+        cost += dense[best] / layers[best].m
+        ns[best] += 1
+
+
 def export_masked(network: nn.Module) -> nn.Module:
     """A copy of ``network`` with every N:M layer replaced by a plain conv holding the masked weights."""
     exported = copy.deepcopy(network)
@@ -312,11 +362,22 @@ class NMSparsityModule(SRModule):
         mode: ``search`` (SLS), ``oneshot`` (magnitude pattern, uniform ``uniform_n``, fixed) or ``srste``
             (uniform ``uniform_n``, re-ranked every ``rerank_interval`` steps, dense STE gradient + decay).
         uniform_n: N of every layer for the baselines (default: round(budget·M)).
-        cost_weight: λ of the cost term (on the cost fraction, so independent of the network size).
-        anneal_interval / anneal_threshold / anneal_factor: every interval, c ×factor when the cost fraction
-            fell by less than the threshold.
-        rerank_interval: optimizer steps between magnitude re-rankings (0 = never).
-        score_lr: learning rate of the priority scores (None = the weights' lr).
+        cost_weight: λ of the cost term, in the unit ``cost_unit`` says.
+        cost_unit: ``fraction`` (effsr: λ·c·Σ(N/M)·dense / Σ dense, independent of network and patch size) or
+            ``patch_macs`` (official: λ·c·Σ(N/M)·MACs of one training patch, λ = 1e-10 as written in
+            ``train_sls_carnX4.sh``). λ_fraction = λ_patch_macs · Σ dense MACs of the N:M layers per patch.
+        anneal_rule: ``fraction`` (effsr: every ``anneal_interval`` steps, c ×factor when the cost fraction fell
+            by less than ``anneal_threshold``) or ``ratio`` (official: the compression ratio dense/sparse is
+            recorded every ``anneal_interval`` steps (an epoch); at every second record, c ×factor when it grew by
+            less than ``anneal_threshold`` (0.2) since the first of the pair).
+        anneal_interval / anneal_threshold / anneal_factor: see ``anneal_rule``.
+        rerank_interval: optimizer steps between magnitude re-rankings (0 = never; the official code: an epoch).
+        rerank_after_freeze: keep re-ranking once N is frozen (official; N stays, which weights survive moves).
+        score_clamp: ``forward`` (official: clamped to [0, ``score_max``] in the forward pass only, so a score
+            outside gets no gradient) or ``inplace`` (effsr: the stored scores are clamped before every step).
+        score_lr: learning rate of the priority scores (None = the weights' lr, as the official code).
+        fill_budget: when the search ends below budget, raise N where it costs least per unit of the score
+            ranking until the budget is spent (:func:`fill_budget`).
         srste_decay: SR-STE's λ_w on pruned weights.
         dense_checkpoint: dense checkpoint loaded into the backbone before conversion (then the condition
             ``dense_ready`` holds at once, so a ``dense`` phase ``until: dense_ready`` is skipped).
@@ -325,24 +386,37 @@ class NMSparsityModule(SRModule):
     def __init__(self, network: nn.Module, optimizer: OptimizerCallable = _default_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None, m: int = 8, budget: float = 0.25,
                  mode: Mode = "search", uniform_n: int | None = None, cost_weight: float = 1.0,
+                 cost_unit: CostUnit = "fraction", anneal_rule: AnnealRule = "fraction",
                  anneal_interval: int = 100, anneal_threshold: float = 0.01, anneal_factor: float = 1.2,
-                 rerank_interval: int = 100, score_lr: float | None = None, score_max: float = 1.03,
-                 srste_decay: float = 2e-4, dense_checkpoint: str | None = None, **kwargs: Any) -> None:
+                 rerank_interval: int = 100, rerank_after_freeze: bool = False,
+                 score_clamp: ScoreClamp = "inplace", score_lr: float | None = None, score_max: float = 1.03,
+                 fill_budget: bool = True, srste_decay: float = 2e-4, dense_checkpoint: str | None = None,
+                 **kwargs: Any) -> None:
         if dense_checkpoint:
             load_network_weights(network, dense_checkpoint)
         super().__init__(network, optimizer, lr_scheduler, **kwargs)
         if not 0 < budget <= 1:
             raise ConfigError(f"budget must be in (0, 1], got {budget}")
+        for option, value, allowed in (("cost_unit", cost_unit, ("fraction", "patch_macs")),
+                                       ("anneal_rule", anneal_rule, ("fraction", "ratio")),
+                                       ("score_clamp", score_clamp, ("forward", "inplace"))):
+            if value not in allowed:
+                raise ConfigError(f"model.init_args.{option} must be one of {allowed}, got {value!r}")
         self.m, self.budget, self.mode = m, budget, mode
         self.uniform_n = max(1, round(budget * m)) if uniform_n is None else uniform_n
-        self.cost_weight, self.anneal_factor = cost_weight, anneal_factor
-        self.anneal_interval, self.anneal_threshold = anneal_interval, anneal_threshold
-        self.rerank_interval, self.score_lr, self.srste_decay = rerank_interval, score_lr, srste_decay
+        self.cost_weight, self.cost_unit, self.anneal_rule = cost_weight, cost_unit, anneal_rule
+        self.anneal_factor, self.anneal_interval = anneal_factor, anneal_interval
+        self.anneal_threshold = anneal_threshold
+        self.rerank_interval, self.rerank_after_freeze = rerank_interval, rerank_after_freeze
+        self.score_clamp, self.score_lr, self.fill_budget = score_clamp, score_lr, fill_budget
+        self.srste_decay = srste_decay
         self.dense_checkpoint = dense_checkpoint
         self.layer_names = convert_to_nm(self.network, m, score_max)
         self.anneal_c = 1.0
         self._anneal_reference = 1.0
         self._anneal_step = 0
+        self._ratio_records: list[float] = []
+        self.nm_step = 0  # optimizer steps seen by training_loss: the module's own clock (also outside a Trainer)
         if mode != "search":
             for layer in self.layers().values():
                 layer.freeze(self.uniform_n)
@@ -385,15 +459,37 @@ class NMSparsityModule(SRModule):
             for layer in self.layers().values():
                 layer.rerank()
             self._anneal_reference = self.cost_fraction()
-            self._anneal_step = self.global_step if self._trainer is not None else 0
-        if name == "finetune" and self.mode == "search":
-            for layer in self.layers().values():
-                layer.freeze()
-            return True
+            self._anneal_step = self.nm_step
+            self._ratio_records = []
+        changed = False
+        if name == "finetune" and self.mode == "search" and any(
+                layer.fixed_n is None for layer in self.layers().values()):
+            self.end_search()
+            changed = True  # the scores leave the optimizer (phase setting keep_optimizer_state keeps Adam's moments)
         if name in ("finetune", "search") and self.mode == "oneshot":
             for layer in self.layers().values():
                 layer.rerank()
-        return super().on_phase_start(name, settings) or dense
+        return super().on_phase_start(name, settings) or dense or changed
+
+    def end_search(self) -> dict[str, int]:
+        """Freezes every layer's N: warns when the cost is above budget (the search ran out of steps), else
+        spends what is left of the budget (``fill_budget``). Returns the frozen pattern."""
+        layers = self.layers()
+        fraction = self.cost_fraction()
+        if fraction > self.budget + 1e-9:
+            rank_zero_warn(
+                f"[effsr] N:M search ended above budget: the N:M layers cost {fraction:.4f} of their dense MACs, "
+                f"budget {self.budget:.4f} (the search phase reached its max_steps before budget_reached). "
+                "N is frozen where it is; lengthen the search phase or raise cost_weight / anneal faster.",
+                category=UserWarning)
+        elif self.fill_budget:
+            filled = fill_budget(list(layers.values()), self.budget)
+            for index, layer in enumerate(layers.values()):
+                layer.freeze(filled[index])
+        for layer in layers.values():
+            if layer.fixed_n is None:
+                layer.freeze()
+        return self.pattern()
 
     def phase_condition(self, name: str) -> bool:
         if name == "budget_reached":
@@ -407,27 +503,32 @@ class NMSparsityModule(SRModule):
             layer.fixed_n is None for layer in self.layers().values())
 
     def training_loss(self, lr: Tensor, hr: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        step = self.global_step if self._trainer is not None else 0
-        self.before_step(step)
+        self.before_step(self.nm_step)
+        self.nm_step += 1
         l1 = F.l1_loss(self.network(lr), hr)
         loss, logs = l1, {"l1": l1.detach()}
         if self._searching():
-            cost = sparse_cost_fraction(self.network)
+            if self.cost_unit == "patch_macs":
+                cost, _dense = patch_cost(self.network)
+            else:
+                cost = sparse_cost_fraction(self.network)
             loss = loss + self.cost_weight * self.anneal_c * cost
-            logs.update({"nm_cost_fraction": cost.detach(), "nm_c": torch.tensor(self.anneal_c),
-                         "nm_budget": torch.tensor(self.budget)})
+            logs.update({"nm_cost": cost.detach(), "nm_cost_fraction": torch.tensor(self.cost_fraction()),
+                         "nm_c": torch.tensor(self.anneal_c), "nm_budget": torch.tensor(self.budget)})
         if self.mode == "srste" and self.phase_name != "dense":
             decay = sum(((1.0 - layer.mask()) * layer.weight).pow(2).sum() for layer in self.layers().values())
             loss = loss + 0.5 * self.srste_decay * decay
         return loss, logs
 
     def before_step(self, step: int) -> None:
-        """Clamps scores, re-ranks every ``rerank_interval`` steps and anneals c (search only)."""
+        """Clamps scores (``score_clamp: inplace``), re-ranks every ``rerank_interval`` steps (after N is frozen
+        too with ``rerank_after_freeze``) and anneals c (search only). ``step``: the module's step counter."""
         layers = self.layers().values()
-        for layer in layers:
-            layer.clamp_scores()
+        if self.score_clamp == "inplace":
+            for layer in layers:
+                layer.clamp_scores()
         rerank = self.mode != "oneshot" and self.rerank_interval > 0 and step % self.rerank_interval == 0
-        frozen = self.mode == "search" and not self._searching()
+        frozen = self.mode == "search" and not self._searching() and not self.rerank_after_freeze
         if rerank and not frozen and self.phase_name != "dense":
             for layer in layers:
                 layer.rerank()
@@ -436,7 +537,14 @@ class NMSparsityModule(SRModule):
             self._anneal_step = step
 
     def anneal(self, cost_fraction: float) -> None:
-        """c ×factor when the cost fraction fell by less than the threshold since the last check."""
+        """One annealing check at the current hard cost fraction (see ``anneal_rule``)."""
+        if self.anneal_rule == "ratio":
+            self._ratio_records.append(1.0 / max(cost_fraction, 1e-12))
+            if len(self._ratio_records) == 2:
+                if self._ratio_records[1] - self._ratio_records[0] < self.anneal_threshold:
+                    self.anneal_c *= self.anneal_factor
+                self._ratio_records = []
+            return
         if self._anneal_reference - cost_fraction < self.anneal_threshold:
             self.anneal_c *= self.anneal_factor
         self._anneal_reference = cost_fraction
@@ -469,7 +577,8 @@ class NMSparsityModule(SRModule):
     def structure_state(self) -> dict[str, Any]:
         return {"m": self.m, "fixed_n": {name: layer.fixed_n for name, layer in self.layers().items()},
                 "anneal_c": self.anneal_c, "anneal_reference": self._anneal_reference,
-                "anneal_step": self._anneal_step}
+                "anneal_step": self._anneal_step, "ratio_records": list(self._ratio_records),
+                "nm_step": self.nm_step}
 
     def rebuild_structure(self, state: dict[str, Any]) -> None:
         if not state:
@@ -483,6 +592,8 @@ class NMSparsityModule(SRModule):
         self.anneal_c = float(state.get("anneal_c", 1.0))
         self._anneal_reference = float(state.get("anneal_reference", 1.0))
         self._anneal_step = int(state.get("anneal_step", 0))
+        self._ratio_records = [float(value) for value in state.get("ratio_records", [])]
+        self.nm_step = int(state.get("nm_step", 0))
 
     def cost_report(self) -> dict[str, float]:
         layers = self.layers()
