@@ -5,14 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import netrc
 import os
-import socket
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import yaml
 from jsonargparse import ArgumentError
@@ -30,6 +27,7 @@ from effsr.cli_support import (
     resolve_config_args,
 )
 from effsr.errors import ConfigError, EffSRError
+from effsr.loggers import ensure_wandb_mode, finish_wandb_runs, prepare_wandb_logger
 from effsr.phases import PhaseProgressBar
 
 PACKAGE_CONFIGS = PACKAGED_CONFIGS
@@ -63,67 +61,6 @@ def quiet_known_noise() -> None:
     tips_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(item, _DropLightningTips) for item in tips_logger.filters):
         tips_logger.addFilter(_DropLightningTips())
-
-
-# ---------------------------------------------------------------------------- W&B
-def _has_wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def _wandb_reachable(timeout: float = 3.0) -> bool:
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    try:
-        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def ensure_wandb_mode() -> str | None:
-    """Switches W&B to offline mode when there are no credentials or no server; returns the reason.
-
-    A run never crashes or prompts for lack of credentials: it is written offline and can be uploaded
-    later with ``wandb sync <run dir>``.
-    """
-    if os.environ.get("WANDB_MODE", "").lower() in {"offline", "disabled", "dryrun"}:
-        return None
-    reason = None
-    if not _has_wandb_credentials():
-        reason = "no W&B credentials (set WANDB_API_KEY or run `wandb login`)"
-    elif not _wandb_reachable():
-        reason = "the W&B server is not reachable"
-    if reason:
-        os.environ["WANDB_MODE"] = "offline"
-        print(f"[effsr] W&B runs offline: {reason}. Upload later with `wandb sync <run dir>`.", file=sys.stderr)
-    return reason
-
-
-def prepare_wandb_logger(logger: WandbLogger) -> None:
-    """Readies a WandbLogger before its run starts.
-
-    Lightning always passes ``anonymous=None`` to ``wandb.init``, which wandb (0.31 here) reports as a setting that
-    "has no effect"; the key is dropped unless the user set it. The save dir is created so that wandb finds the
-    git repository of the run there (and records its commit) instead of warning that the folder does not exist.
-    """
-    init_kwargs = getattr(logger, "_wandb_init", None)
-    if isinstance(init_kwargs, dict) and "anonymous" in init_kwargs and init_kwargs["anonymous"] is None:
-        del init_kwargs["anonymous"]
-    if logger.save_dir:
-        Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
-
-
-def finish_wandb_runs() -> None:
-    """Closes the W&B run a command opened, so its summary is written and the next command starts a new run."""
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish()
 
 
 class EffSRSaveConfig(SaveConfigCallback):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning as L
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
@@ -26,6 +26,34 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from effsr.errors import ConfigError
+
+
+@runtime_checkable
+class PhaseDriven(Protocol):
+    """What a PhaseSchedule needs of its LightningModule (:class:`effsr.models.SRModule` provides it)."""
+
+    phase_name: str | None
+    phase_settings: dict[str, Any]
+
+    def enter_phase(self, name: str, settings: dict[str, Any]) -> bool: ...
+
+    def on_phase_resumed(self, name: str, settings: dict[str, Any]) -> None: ...
+
+    def phase_condition(self, name: str) -> bool: ...
+
+    def set_schedule_value(self, name: str, value: float) -> None: ...
+
+
+@runtime_checkable
+class BatchSizeSettable(Protocol):
+    """A data module whose training batch size a phase may change (:class:`effsr.data.SRDataModule`)."""
+
+    batch_size: int
+
+    @property
+    def train_batch_size(self) -> int: ...
+
+    def set_batch_size(self, batch_size: int) -> None: ...
 
 
 @dataclass
@@ -150,7 +178,7 @@ class PhaseSchedule(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not hasattr(pl_module, "enter_phase"):
+        if not isinstance(pl_module, PhaseDriven):
             raise ConfigError(f"PhaseSchedule drives an effsr SRModule; got {type(pl_module).__name__}")
         total = self.total_steps()
         if stage == "fit" and total is not None and trainer.max_steps == -1:
@@ -158,7 +186,7 @@ class PhaseSchedule(Callback):
         if stage == "fit":
             datamodule = getattr(trainer, "datamodule", None)
             for phase in self.phases:
-                if "batch_size" in phase.settings and not hasattr(datamodule, "set_batch_size"):
+                if "batch_size" in phase.settings and not isinstance(datamodule, BatchSizeSettable):
                     raise ConfigError(
                         f"phase '{phase.name}': settings.batch_size needs a data module with set_batch_size "
                         f"(effsr's SRDataModule, `data:` in the config), got {type(datamodule).__name__}"
@@ -169,8 +197,11 @@ class PhaseSchedule(Callback):
             if self.stop_after_last:
                 trainer.should_stop = True
             return
-        if getattr(pl_module, "phase_name", None) != self.current.name:
+        module = _driven(pl_module)
+        if module.phase_name != self.current.name:
             self._enter(trainer, pl_module, self.index, trainer.global_step)
+        else:  # resumed inside the phase: the module restored it from the checkpoint
+            module.on_phase_resumed(self.current.name, dict(self.current.settings))
         self._advance_while_due(trainer, pl_module)
         self._apply_batch_size(trainer)  # also on a resume inside a phase (no _enter then)
         self._push_schedules(trainer, pl_module, log=False)
@@ -216,7 +247,7 @@ class PhaseSchedule(Callback):
             return True
         if local == 0 or local % self.check_every:
             return False
-        reached = bool(pl_module.phase_condition(phase.until)) if trainer.is_global_zero else False
+        reached = bool(_driven(pl_module).phase_condition(phase.until)) if trainer.is_global_zero else False
         return bool(trainer.strategy.broadcast(reached, src=0))
 
     def _advance_while_due(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -240,20 +271,21 @@ class PhaseSchedule(Callback):
         rank_zero_info(f"[effsr] phase {index + 1}/{len(self.phases)} '{phase.name}' starts at step "
                        f"{global_step} ({length})")
         self._apply_batch_size(trainer)
-        if pl_module.enter_phase(phase.name, dict(phase.settings)):
-            settings = getattr(pl_module, "phase_settings", phase.settings)  # the module may default the key
+        module = _driven(pl_module)
+        if module.enter_phase(phase.name, dict(phase.settings)):
+            settings = module.phase_settings  # the module may default the key
             rebuild_training_setup(trainer, keep_optimizer_state=bool(settings.get("keep_optimizer_state", False)))
 
     def _apply_batch_size(self, trainer: L.Trainer) -> None:
         """The current phase's ``batch_size`` setting, or ``data.batch_size`` when it has none."""
         datamodule = getattr(trainer, "datamodule", None)
-        if not hasattr(datamodule, "set_batch_size"):
+        if not isinstance(datamodule, BatchSizeSettable):
             return
         phase = self.current
-        size = phase.settings.get("batch_size", getattr(datamodule, "batch_size", None))
+        size = phase.settings.get("batch_size", datamodule.batch_size)
         if size is None:
             return
-        if getattr(datamodule, "train_batch_size", size) != size:
+        if datamodule.train_batch_size != size:
             rank_zero_info(f"[effsr] phase '{phase.name}': training batch size {size} per rank")
         datamodule.set_batch_size(size)
 
@@ -263,10 +295,17 @@ class PhaseSchedule(Callback):
                 continue
             step = self.phase_step(trainer.global_step) if schedule.phase else trainer.global_step
             value = schedule.value(step)
-            pl_module.set_schedule_value(schedule.name, value)
+            _driven(pl_module).set_schedule_value(schedule.name, value)
             if log:
                 pl_module.log(f"schedule/{schedule.name}", value, on_step=True, on_epoch=False,
                               batch_size=1)
+
+
+def _driven(pl_module: L.LightningModule) -> PhaseDriven:
+    """The module as the PhaseSchedule sees it (``setup`` checked that it is one)."""
+    if not isinstance(pl_module, PhaseDriven):
+        raise ConfigError(f"PhaseSchedule drives an effsr SRModule; got {type(pl_module).__name__}")
+    return pl_module
 
 
 def rebuild_training_setup(trainer: L.Trainer, keep_optimizer_state: bool = False) -> None:

@@ -140,7 +140,9 @@ def test_phase_batch_size_rejects_bad_values(value: object) -> None:
 
 def test_phase_batch_size_needs_a_datamodule_with_set_batch_size() -> None:
     schedule = PhaseSchedule([Phase("branches"), Phase("classifier", settings={"batch_size": 96})])
-    module = SimpleNamespace(enter_phase=lambda name, settings: False)
+    module = SimpleNamespace(phase_name=None, phase_settings={}, enter_phase=lambda name, settings: False,
+                             on_phase_resumed=lambda name, settings: None, phase_condition=lambda name: False,
+                             set_schedule_value=lambda name, value: None)  # effsr.phases.PhaseDriven
     with pytest.raises(ConfigError, match=r"phase 'classifier': settings.batch_size needs a data module"):
         schedule.setup(SimpleNamespace(datamodule=None, max_steps=-1), module, "fit")
     schedule.setup(SimpleNamespace(datamodule=None, max_steps=-1), module, "validate")

@@ -83,30 +83,16 @@ def format_table(models: list[dict[str, Any]], threads: int) -> str:
 def log_wandb(report: dict[str, Any], png: Path, output_dir: Path, project: str, run_name: str) -> Path:
     """One W&B run: the table (``wandb.Table``), a PSNR-Y vs GMACs scatter per set and the Pareto PNG.
 
-    Without credentials or a reachable server the run is written offline (:func:`effsr.cli.ensure_wandb_mode`);
+    Without credentials or a reachable server the run is written offline (:func:`effsr.loggers.ensure_wandb_mode`);
     returns the run's folder.
     """
-    import wandb
+    from effsr.loggers import GroupScatter, log_wandb_table_run
 
-    from effsr.cli import ensure_wandb_mode
-
-    ensure_wandb_mode()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=project, name=run_name, dir=str(output_dir), job_type="compare",
-                     config={key: report[key] for key in ("scale", "test_sets", "latency")})
-    try:
-        rows = table_rows(report["models"])
-        table = wandb.Table(columns=TABLE_COLUMNS, data=rows)
-        logged: dict[str, Any] = {"compare/table": table, "compare/pareto": wandb.Image(str(png))}
-        for set_name in dict.fromkeys(row[1] for row in rows):
-            subset = wandb.Table(columns=TABLE_COLUMNS, data=[row for row in rows if row[1] == set_name])
-            logged[f"compare/{set_name}/psnr_y_vs_gmacs"] = wandb.plot.scatter(
-                subset, "gmacs_720p", "psnr_y", title=f"{set_name}: PSNR-Y vs GMACs@720p")
-        run.log(logged)
-        for model in report["models"]:
-            for set_name, row in model["sets"].items():
-                run.summary[f"{model['name']}/{set_name}/psnr_y"] = row["psnr_y"]
-        run_dir = Path(run.dir).parent
-    finally:
-        run.finish()
-    return run_dir
+    summary = {f"{model['name']}/{set_name}/psnr_y": row["psnr_y"]
+               for model in report["models"] for set_name, row in model["sets"].items()}
+    return log_wandb_table_run(
+        project=project, run_name=run_name, output_dir=output_dir, job_type="compare",
+        config={key: report[key] for key in ("scale", "test_sets", "latency")}, prefix="compare",
+        columns=TABLE_COLUMNS, rows=table_rows(report["models"]), image=png, summary=summary,
+        scatter=GroupScatter(x="gmacs_720p", y="psnr_y", group="set", key="compare/{group}/psnr_y_vs_gmacs",
+                             title="{group}: PSNR-Y vs GMACs@720p"))

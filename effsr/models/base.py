@@ -5,14 +5,17 @@ L1 training, per-set validation/test metrics (Y-PSNR/SSIM and RGB PSNR, paper pr
 cost (:mod:`effsr.models.evaluation`), cost logging, sample images, tiled inference for large inputs, test
 results as JSON and console summaries (:mod:`effsr.models.results`), and the phase hooks the
 :class:`effsr.phases.PhaseSchedule` callback drives. Methods override the small hooks documented in
-``docs/design.md`` (``training_loss``, ``infer``, ``on_phase_start``, ...), never the Lightning steps.
+``docs/design.md`` (``training_loss``, ``infer``, ``on_phase_start``, ...), never the Lightning hooks: those are
+``@final`` here and call the method hooks (``on_eval_start/end``, ``after_optimizer_step``, ``adjust_optimizer``,
+``build_lr_scheduler``, ``on_checkpoint_loaded``, ``on_fit_begin``, ``on_phase_resumed``) at fixed points, so a
+method cannot forget a ``super()`` call or run its part in the wrong order (``tests/test_contract.py`` checks it).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, final
 
 import lightning as L
 import torch
@@ -23,8 +26,8 @@ from torch import Tensor, nn
 from effsr.cost import count_params, macs_at_720p
 from effsr.errors import ConfigError, TrainingError
 from effsr.inference.tiling import tiled_forward
+from effsr.loggers import log_image
 from effsr.models.evaluation import EvaluationMixin
-from effsr.models.results import log_image
 
 __all__ = ["SRModule", "log_image"]  # log_image: methods import it from here
 
@@ -124,6 +127,31 @@ class SRModule(EvaluationMixin, L.LightningModule):
     def rebuild_structure(self, state: dict[str, Any]) -> None:
         """Re-applies :meth:`structure_state` before the state dict is loaded."""
 
+    def on_checkpoint_loaded(self, checkpoint: dict[str, Any]) -> None:
+        """After every checkpoint load (also one without effsr state, e.g. converted official weights): the
+        structure, phase, schedule values and the phase's ``trainable`` set are restored; Lightning loads the
+        tensors right after. For checks of the checkpoint against the config and method-specific state."""
+
+    def on_fit_begin(self) -> None:
+        """At the start of every fit, after the PhaseSchedule entered (or resumed) its phase."""
+
+    def on_phase_resumed(self, name: str, settings: dict[str, Any]) -> None:
+        """A fit resumes from a checkpoint inside phase ``name`` (:meth:`on_phase_start` is not called again);
+        called by the PhaseSchedule before :meth:`on_fit_begin`."""
+
+    def after_optimizer_step(self) -> None:
+        """After each training batch, its optimizer step done (``global_step`` counts it, the PhaseSchedule has
+        advanced): per-step bookkeeping such as dropping caches of the weights or step logs."""
+
+    def build_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> Any | None:
+        """The LR scheduler of the current phase, stepped every optimizer step. Default: ``model.lr_scheduler``
+        of the config (None without one)."""
+        return None if self.lr_scheduler_factory is None else self.lr_scheduler_factory(optimizer)
+
+    def adjust_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Changes the phase's optimizer in place (e.g. a parameter group's lr) after it and its LR scheduler
+        were built and the phase's ``lr`` was applied to every group."""
+
     def deployed_network(self) -> nn.Module:
         """The network as it will be deployed (compact, sparse, routed) for cost counting and profiling."""
         return self.network
@@ -169,6 +197,7 @@ class SRModule(EvaluationMixin, L.LightningModule):
         return True
 
     # ------------------------------------------------------------------ Lightning: data
+    @final
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """uint8 images travel through the loader; they become float [0, 1] on the device."""
         for key in ("lr", "hr"):
@@ -177,6 +206,7 @@ class SRModule(EvaluationMixin, L.LightningModule):
         return batch
 
     # ------------------------------------------------------------------ Lightning: training
+    @final
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         lr, hr = batch["lr"] * self.pixel_range, batch["hr"] * self.pixel_range
         loss, logs = self.training_loss(lr, hr, batch)
@@ -196,6 +226,7 @@ class SRModule(EvaluationMixin, L.LightningModule):
             self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
+    @final
     def configure_optimizers(self) -> Any:
         parameters = self.parameters_to_train()
         if not parameters:
@@ -207,12 +238,22 @@ class SRModule(EvaluationMixin, L.LightningModule):
             for group in optimizer.param_groups:
                 group["lr"] = float(self.phase_settings["lr"])
                 group["initial_lr"] = float(self.phase_settings["lr"])
-        if self.lr_scheduler_factory is None:
+        scheduler = self.build_lr_scheduler(optimizer)
+        self.adjust_optimizer(optimizer)
+        if scheduler is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @final
+    def on_train_start(self) -> None:
+        self.on_fit_begin()
+
+    @final
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.after_optimizer_step()
+
     # ------------------------------------------------------------------ Lightning: checkpoints
+    @final
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["effsr"] = {
             "phase_name": self.phase_name,
@@ -221,10 +262,15 @@ class SRModule(EvaluationMixin, L.LightningModule):
             "structure": self.structure_state(),
         }
 
+    @final
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("effsr")
-        if not state:
-            return
+        if state:
+            self._restore_effsr_state(state)
+        self.on_checkpoint_loaded(checkpoint)
+
+    def _restore_effsr_state(self, state: dict[str, Any]) -> None:
+        """Structure first (so the tensors fit), then the phase, its trainable set and the schedule values."""
         self.rebuild_structure(state.get("structure", {}))
         self.phase_name = state.get("phase_name")
         self.phase_settings = dict(state.get("phase_settings") or {})
@@ -251,6 +297,7 @@ class SRModule(EvaluationMixin, L.LightningModule):
         return self.super_resolve(lr)
 
     # ------------------------------------------------------------------ Lightning: predict
+    @final
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         sr = self.super_resolve(batch["lr"])
         return {"sr": sr, "name": batch.get("name", [f"{batch_idx:06d}"])}

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, final
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effsr.errors import ConfigError
+from effsr.loggers import log_image
 from effsr.metrics import PSNR, SSIM
 from effsr.metrics import psnr as psnr_fn
 from effsr.metrics import ssim as ssim_fn
@@ -30,7 +31,6 @@ from effsr.models.results import (
     console_print,
     format_results_table,
     format_val_summary,
-    log_image,
     write_test_results,
 )
 
@@ -108,9 +108,9 @@ def scalar_items(key: str, value: Any) -> list[tuple[str, float]]:
 class EvaluationMixin:
     """Validation/test of :class:`effsr.models.SRModule`: per-set metrics, measured cost and results.
 
-    Methods plug in through :meth:`add_measurement` (from ``infer``), :meth:`image_measurements`,
-    :meth:`set_measurements`, :meth:`on_eval_measured` and :meth:`on_eval_image`; the Lightning hooks here
-    are not overridden by methods.
+    Methods plug in through :meth:`on_eval_start`, :meth:`add_measurement` (from ``infer``),
+    :meth:`image_measurements`, :meth:`set_measurements`, :meth:`on_eval_measured`, :meth:`on_eval_image` and
+    :meth:`on_eval_end`; the Lightning hooks here are ``@final`` (not overridden by methods).
     """
 
     def _init_evaluation(self) -> None:
@@ -121,6 +121,13 @@ class EvaluationMixin:
         self._image_measured: dict[str, float] | None = None
         self._results_note = ""
         self.eval_results: dict[str, dict[str, Any]] = {}
+
+    def on_eval_start(self, stage: str) -> None:
+        """``stage`` ("val" or "test") starts, also the sanity check; the evaluation's records are already empty."""
+
+    def on_eval_end(self, stage: str) -> None:
+        """After every validation/test except the sanity check, once the per-set results are computed, logged
+        (and for "test" written): :attr:`eval_results` holds them."""
 
     def on_eval_image(self, stage: str, set_name: str, name: str, lr: Tensor, sr: Tensor, hr: Tensor) -> None:
         """Per-image hook for method-specific logging (mask images, routing maps); inputs in [0, 1]."""
@@ -213,15 +220,21 @@ class EvaluationMixin:
         self._results_note = ""
         self.eval_results = {}
 
+    @final
     def on_validation_epoch_start(self) -> None:
         self._start_eval()
+        self.on_eval_start("val")
 
+    @final
     def on_test_epoch_start(self) -> None:
         self._start_eval()
+        self.on_eval_start("test")
 
+    @final
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)
 
+    @final
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("test", batch, dataloader_idx)
 
@@ -247,7 +260,7 @@ class EvaluationMixin:
         measured = {name: self.set_measurements([record.measured for record in records])
                     for name, records in grouped.items() if any(record.measured for record in records)}
         every_image = [record.measured for records in grouped.values() for record in records if record.measured]
-        sanity = self._trainer is not None and self.trainer.sanity_checking
+        sanity = self._sanity_checking()
         if every_image and not sanity:
             self.on_eval_measured(stage, measured, self.set_measurements(every_image), len(every_image))
             self._cost_cache = None
@@ -273,14 +286,22 @@ class EvaluationMixin:
                                 if isinstance(value, (int, float))}
         return dict(self._cost_cache)
 
+    def _sanity_checking(self) -> bool:
+        return self._trainer is not None and self.trainer.sanity_checking
+
+    @final
     def on_validation_epoch_end(self) -> None:
         self._finish_eval("val")
+        if not self._sanity_checking():
+            self.on_eval_end("val")
 
+    @final
     def on_test_epoch_end(self) -> None:
         results = self.extend_test_results(self._finish_eval("test"))
         self.eval_results = results
         if self.global_rank == 0:
             self._write_results(results)
+        self.on_eval_end("test")
 
     def _write_results(self, results: dict[str, Any]) -> Path:
         """``test_results.json`` under ``results_dir`` (default: the trainer's root dir), earlier ones kept."""
@@ -289,6 +310,7 @@ class EvaluationMixin:
             f" (earlier results kept in {HISTORY}/)" if kept else "")
         return path
 
+    @final
     def on_validation_end(self) -> None:
         """One line per validation during fit; a table for ``effsr validate`` (rank 0, fresh line)."""
         if not self.eval_results:
@@ -299,6 +321,7 @@ class EvaluationMixin:
             console_print(self.trainer, format_results_table(f"validation ({type(self).__name__}, step "
                                                              f"{self.global_step})", self.eval_results))
 
+    @final
     def on_test_end(self) -> None:
         """The test table, printed after the progress bar has closed its line."""
         if self.eval_results:

@@ -17,8 +17,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 HISTORY = "test_results_history"
 
 
@@ -81,13 +79,3 @@ def console_print(trainer: Any, text: str) -> None:
         sys.stdout.flush()
     else:
         bar.print(text)
-
-
-def log_image(logger: Any, key: str, image: np.ndarray, caption: str, step: int) -> None:
-    """Logs an HxWx3 uint8 image to W&B or TensorBoard; other loggers are ignored."""
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
-    if isinstance(logger, WandbLogger):
-        logger.log_image(key=key, images=[image], caption=[caption], step=step)
-    elif isinstance(logger, TensorBoardLogger):
-        logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")

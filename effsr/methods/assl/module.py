@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -13,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from effsr.errors import CheckpointError, ConfigError
+from effsr.loggers import log_bar_chart, log_histograms
 from effsr.methods.assl.channels import ChannelGroup, ChannelStructure, analyze_channels
 from effsr.methods.assl.deploy import _autocast_enabled, _DeployCache, _fingerprint, deploy_network
 from effsr.methods.assl.losses import GrowingL2, SSAThreshold, ssa_loss
@@ -20,6 +20,7 @@ from effsr.methods.assl.plan import Ranking, group_importance, num_kept, pruned_
 from effsr.methods.assl.surgery import apply_shapes, conv_shapes, prune_network
 from effsr.methods.assl.weight_norm import WNConv2d, convert_to_weight_norm
 from effsr.models.base import SRModule, _default_optimizer
+from effsr.weights import load_network_state
 
 PHASES = ("dense", "ssa", "regularize", "stabilize", "prune", "finetune")
 
@@ -204,7 +205,7 @@ class ASSLModule(SRModule):
             self._deploy_cache = _DeployCache(key, _fingerprint(tensors), network, (modules, tensors))
         return network
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def after_optimizer_step(self) -> None:
         """The optimizer step changed the weights (fused optimizers do not bump ``_version``): drop the copy."""
         self._deploy_cache = None
 
@@ -341,30 +342,19 @@ class ASSLModule(SRModule):
         return report
 
     # ------------------------------------------------------------------ logging
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        if self.trainer.sanity_checking or self.stage != "wn":
-            return
-        self._log_gamma_histograms()
+    def on_eval_end(self, stage: str) -> None:
+        """After each validation while the network is weight-normalised: histograms of |γ| per group kind."""
+        if stage == "val" and self.stage == "wn":
+            self._log_gamma_histograms()
 
     def _log_gamma_histograms(self) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
         values: dict[str, Tensor] = {}
         for kind, groups in (("constrained", self.structure.constrained), ("free", self.structure.free)):
             gammas = [self.network.get_submodule(name).gamma.detach().abs().float().cpu()
                       for group in groups for name in group.producers]
             if gammas:
                 values[f"assl/gamma_{kind}"] = torch.cat(gammas)
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
-
-                logger.experiment.log({**{key: wandb.Histogram(value.numpy()) for key, value in values.items()},
-                                       "trainer/global_step": self.global_step})
-            elif isinstance(logger, TensorBoardLogger):
-                for key, value in values.items():
-                    logger.experiment.add_histogram(key, value, global_step=self.global_step)
+        log_histograms(self.loggers, values, self.global_step)
 
     def _log_widths(self, key: str) -> None:
         """Per-layer kept widths: a bar chart in W&B, summary scalars for every logger."""
@@ -373,29 +363,13 @@ class ASSLModule(SRModule):
         widths = self.kept_widths()
         if not widths:
             return
-        from lightning.pytorch.loggers import WandbLogger
-
+        log_bar_chart(self.loggers, key, widths, ("layer", "kept"), title=key, step=self.global_step)
         for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
-
-                table = wandb.Table(data=[[name, width] for name, width in widths.items()],
-                                    columns=["layer", "kept"])
-                logger.experiment.log({key: wandb.plot.bar(table, "layer", "kept", title=key),
-                                       "trainer/global_step": self.global_step})
             logger.log_metrics({f"{key}_mean": float(sum(widths.values()) / len(widths)),
                                 f"{key}_min": float(min(widths.values()))}, step=self.global_step)
 
 
 def load_dense_weights(network: nn.Module, path: str) -> None:
-    """Loads dense backbone weights from a Lightning checkpoint (``network.*`` keys) or a plain state dict."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"dense_checkpoint '{path}' does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    if any(key.startswith("network.") for key in state):
-        state = {key[len("network."):]: value for key, value in state.items() if key.startswith("network.")}
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as error:
-        raise CheckpointError(f"dense_checkpoint '{path}' does not fit model.network: {error}") from error
+    """Loads dense backbone weights from an effsr/Lightning checkpoint (``network.*`` keys) or a plain state dict,
+    through the safe loader (:func:`effsr.weights.load_network_state`)."""
+    load_network_state(network, path, what="dense_checkpoint")
