@@ -5,9 +5,9 @@ from effsr.archs.bicubic import BicubicSR
 from effsr.archs.carn import CARN, CARNM
 from effsr.archs.common import MeanShift, ResidualBlock, Upsampler
 from effsr.archs.edsr import EDSR, LEDSR
-from effsr.archs.fsrcnn import FSRCNN
+from effsr.archs.fsrcnn import FSRCNN, FSRCNNOfficial
 from effsr.archs.msrresnet import MSRResNet
 from effsr.archs.rcan import RCAN
 
-__all__ = ["BicubicSR", "CARN", "CARNM", "EDSR", "FSRCNN", "LEDSR", "MSRResNet", "MeanShift", "RCAN",
+__all__ = ["BicubicSR", "CARN", "CARNM", "EDSR", "FSRCNN", "FSRCNNOfficial", "LEDSR", "MSRResNet", "MeanShift", "RCAN",
            "ResidualBlock", "Upsampler"]

@@ -51,6 +51,7 @@ from effsr.inference.tiling import RoutedOutput, route_overlay, routed_forward, 
 from effsr.metrics import psnr as psnr_fn
 from effsr.models.base import SRModule, log_image
 from effsr.models.evaluation import mean_values
+from effsr.weights import StateFilter, load_network_state, strip_prefix
 
 PHASE_KINDS = ("reference", "split", "branches", "classifier", "joint")
 SPLIT_VERSION = 1
@@ -69,6 +70,16 @@ class Classifier(nn.Module):
         self.features = nn.Sequential(*layers)
         self.linear = nn.Linear(32, num_classes)
         self.pixel_range = pixel_range
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """The official initialisation: convs Kaiming-normal (fan-in) x 0.1 with zero bias, the linear layer
+        PyTorch's default. The small start keeps the first class probabilities near uniform."""
+        for module in self.features.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, a=0, mode="fan_in")
+                module.weight.data.mul_(0.1)
+                nn.init.zeros_(module.bias)
 
     def forward(self, lr: Tensor) -> Tensor:
         """Returns class logits (N, K) for LR patches in [0, pixel_range]."""
@@ -132,8 +143,15 @@ class ClassSRNet(nn.Module):
                 extra["pixel_range"] = pixel_range
             backbone_class = _import_backbone(backbone)
             branches = [backbone_class(scale=scale, **{width_arg: width}, **extra) for width in widths]
+            path = backbone if "." in backbone else f"effsr.archs.{backbone}"
+            specs = [{"class_path": path, "init_args": {width_arg: int(width), **extra}} for width in widths]
+        else:
+            specs = []
         if len(branches) < 2:
             raise ConfigError("ClassSRNet needs at least two branches")
+        #: per branch the backbone's ``class_path``/``init_args`` (empty when built from ``branches``): what
+        #: :func:`export_backbone` writes as the config of a branch saved alone.
+        self.branch_specs: list[dict[str, Any]] = specs
         self.branches = nn.ModuleList(branches)
         self.scale = int(branches[0].scale)
         if scale is not None and int(scale) != self.scale:
@@ -290,6 +308,14 @@ def split_by_score(scores: np.ndarray, num_classes: int) -> tuple[np.ndarray, li
     return labels, thresholds
 
 
+def split_by_thresholds(scores: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """Classes by fixed PSNR thresholds (the official ``divide_sub_images_train.py``): class k = number of
+    thresholds above the score, so ``score >= t_0`` is class 0 (simplest) and ``score < t_last`` the hardest."""
+    ordered = np.sort(np.asarray(thresholds, dtype=np.float64))[::-1]
+    values = np.asarray(scores, dtype=np.float64)
+    return (values[:, None] < ordered[None, :]).sum(axis=1).astype(np.uint8)
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -352,10 +378,20 @@ class ClassSRModule(SRModule):
         stride: LR stride between patches (paper 28, i.e. overlap 4); the grid covers the whole image.
         route_batch_size: patches per branch call in routed inference.
         force_branch: route every patch through this branch (the "-O" baselines and ablations).
-        reference_checkpoint: wide-branch weights to start from (a checkpoint of the backbone at the wide
-            width, ``network.*`` keys, a ClassSR checkpoint, or a plain state dict).
-        wide_from_reference: the wide branch keeps the reference weights for ``branches``; else it restarts
-            from its initial weights after the split.
+        reference_checkpoint: the "-O" model to start from instead of training it (a checkpoint of the backbone
+            at the wide width, ``network.*`` keys, e.g. ``<run>/reference/reference.ckpt``, a ClassSR checkpoint,
+            or a plain state dict); loaded when the pipeline starts (not in ``__init__``) and again right
+            before the split is scored, so no training step touches it.
+        wide_from_reference: the wide branch keeps the reference weights for ``branches`` (effsr's variant);
+            False (official): it restarts from its initial weights after the split.
+        split_model: score the split with this model instead of the reference (official: one MSRResNet for all
+            backbones): an effsr SR checkpoint of the same scale (its run's ``config.yaml``) or
+            ``CKPT@CONFIG.yaml``; a ClassSR checkpoint scores with its wide branch.
+        split_thresholds: fixed PSNR thresholds (dB, K-1 of them, e.g. the official ``[35.15, 27.17]``)
+            instead of K equal classes: class k = sub-images with k thresholds above their score.
+        export_backbones: write the reference (when the split starts) and each branch after its class training
+            (when ``classifier`` starts) as plain backbone checkpoints ``<default_root_dir>/<name>/<name>.ckpt``
+            with a ``config.yaml`` beside it, for ``effsr test``/``effsr compare``.
         split_metric: ``rgb`` (official: RGB PSNR, border crop = scale) or ``y``.
         split_batch_size: sub-images per scoring batch.
         split_cache_dir: folder of cached splits (default ``<data.cache_dir>/classsr_splits``).
@@ -367,7 +403,9 @@ class ClassSRModule(SRModule):
 
     def __init__(self, network: ClassSRNet, *args: Any, loss_weights: tuple[float, float, float] = (1000.0, 0.5, 3.0),
                  patch_size: int = 32, stride: int = 28, route_batch_size: int = 64, force_branch: int | None = None,
-                 reference_checkpoint: str | None = None, wide_from_reference: bool = True,
+                 reference_checkpoint: str | None = None, wide_from_reference: bool = False,
+                 split_model: str | None = None, split_thresholds: list[float] | None = None,
+                 export_backbones: bool = True,
                  split_metric: Literal["rgb", "y"] = "rgb", split_batch_size: int = 64,
                  split_cache_dir: str | None = None, route_maps_per_set: int | None = None,
                  cost_proportions: list[float] | None = None, **kwargs: Any) -> None:
@@ -384,7 +422,13 @@ class ClassSRModule(SRModule):
             if len(shares) != network.num_classes or min(shares) < 0 or sum(shares) <= 0:
                 raise ConfigError(f"cost_proportions needs {network.num_classes} non-negative shares, got {shares}")
             cost_proportions = [value / sum(shares) for value in shares]
+        if split_thresholds is not None and len(split_thresholds) != network.num_classes - 1:
+            raise ConfigError(f"split_thresholds needs {network.num_classes - 1} values (dB), got {split_thresholds}")
         self.cost_proportions = cost_proportions
+        self.split_model = split_model
+        self.fixed_thresholds = (None if split_thresholds is None
+                                 else sorted((float(value) for value in split_thresholds), reverse=True))
+        self.export_backbones = export_backbones
         self.loss_weights = tuple(float(weight) for weight in loss_weights)
         self.patch_size = patch_size
         self.stride = stride
@@ -406,8 +450,7 @@ class ClassSRModule(SRModule):
         self._route_maps_logged: dict[tuple[str, int], int] = {}
         self._measured_counts: Tensor | None = None
         self._measured_from: dict[str, Any] = {}
-        if reference_checkpoint:
-            load_reference_weights(network, reference_checkpoint)
+        self._routing_counts: Tensor | None = None
 
     # ------------------------------------------------------------------ phases
     @property
@@ -447,11 +490,23 @@ class ClassSRModule(SRModule):
     def on_phase_start(self, name: str, settings: dict[str, Any]) -> bool:
         """Sets the trainable set, computes the split (``split``) and restricts the data (``branches``)."""
         kind = self.phase_kind(name, settings)
+        if kind == "reference" and self.split_model and not Path(self.split_model.partition("@")[0]).is_file():
+            raise ConfigError(f"model.init_args.split_model '{self.split_model}' does not exist; train that model "
+                              "first (e.g. `effsr fit --config experiments/classsr_msrresnet_x4.yaml` writes "
+                              "runs/classsr_msrresnet_x4/reference/reference.ckpt) or set split_model: null")
+        if kind == "reference" and self.reference_checkpoint:
+            load_reference_weights(self.network, self.reference_checkpoint)
         if kind == "split":
+            if self.reference_checkpoint:  # the loaded -O model itself, whatever the reference phase did
+                load_reference_weights(self.network, self.reference_checkpoint)
+            self._export("reference", self.num_classes - 1)
             self.compute_split(self._datamodule())
             if not self.wide_from_reference:
                 self.network.branches[-1].load_state_dict(self._initial_wide)
             return False
+        if kind == "classifier":
+            for index in range(self.num_classes):
+                self._export(f"branch_{index}", index)
         if kind == "branches" and self.split_labels is None:
             raise ConfigError(f"phase '{name}' trains branches on their classes: put a `split` phase before it")
         self._set_trainable(name, settings)
@@ -473,6 +528,26 @@ class ClassSRModule(SRModule):
         super().on_load_checkpoint(checkpoint)
         if self.phase_kind() not in (None, "split"):
             self._set_trainable()
+
+    def _export(self, name: str, index: int) -> None:
+        """Branch ``index`` as a plain backbone checkpoint (``export_backbones``; rank 0 only)."""
+        if not self.export_backbones or self._trainer is None or _rank() != 0:
+            return
+        import yaml
+
+        run_config = None
+        for folder in {self.trainer.log_dir or "", self.trainer.default_root_dir}:
+            candidate = Path(folder) / "config.yaml"
+            if folder and candidate.is_file():
+                run_config = yaml.safe_load(candidate.read_text())
+                break
+        specs = self.network.branch_specs
+        info = {"name": name, "branch": index, "phase": self.phase_name, "global_step": int(self.global_step),
+                "reference_checkpoint": self.reference_checkpoint}
+        path = export_backbone(self.network.branches[index], Path(self.trainer.default_root_dir) / name, name,
+                               specs[index] if specs else None, run_config, self.scale, info)
+        rank_zero_info(f"[effsr] ClassSR: {name} (branch {index}) saved as {path}"
+                       + ("" if specs else " (no config.yaml: the network was given as `branches`)"))
 
     def phase_condition(self, name: str) -> bool:
         """``reference_ready``: a reference checkpoint was loaded."""
@@ -540,12 +615,26 @@ class ClassSRModule(SRModule):
             for k in range(self.num_classes):
                 logs[f"class_prob/{k}"] = probabilities[:, k].detach().mean()
                 logs[f"class_frac/{k}"] = (choices == k).float().mean()
+            self._print_training_routing(choices, kind)
             return loss, logs
         if kind == "branches":
             return self._branches_loss(lr, hr, batch)
         sr = self.network.branches[-1](lr)
         loss = F.l1_loss(sr, hr)
         return loss, {"l1": loss.detach(), f"{kind}/loss": loss.detach()}
+
+    def _print_training_routing(self, choices: Tensor, kind: str) -> None:
+        """Without a logger, the argmax shares over training are printed every ``log_every_n_steps`` steps."""
+        if self._trainer is None or self.loggers:
+            return
+        counts = torch.bincount(choices.cpu(), minlength=self.num_classes).double()
+        self._routing_counts = counts if self._routing_counts is None else self._routing_counts + counts
+        every = max(int(getattr(self.trainer, "log_every_n_steps", 50) or 50), 1)
+        if (self.global_step + 1) % every == 0:
+            total = self._routing_counts / self._routing_counts.sum()
+            rank_zero_info(f"[effsr] ClassSR {kind} step {int(self.global_step) + 1}: argmax shares over the last "
+                           f"{every} steps narrow→wide " + "/".join(f"{100 * p:.0f}%" for p in total.tolist()))
+            self._routing_counts = None
 
     def _branches_loss(self, lr: Tensor, hr: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         labels = self.labels_for(batch["index"])
@@ -576,8 +665,8 @@ class ClassSRModule(SRModule):
             return Path(self.split_cache_dir).expanduser()
         return Path(getattr(datamodule, "cache_dir", None) or tempfile.gettempdir()) / "classsr_splits"
 
-    def split_cache_key(self, datamodule: Any) -> str:
-        """Hash of the sub-image table, the cached arrays it reads, the reference weights and the protocol."""
+    def split_cache_key(self, datamodule: Any, scorer: nn.Module | None = None) -> str:
+        """Hash of the sub-image table, the cached arrays it reads, the scoring weights and the protocol."""
         dataset = datamodule.train_dataset
         digest = hashlib.sha256()
         pairs = dataset.store.pairs
@@ -585,22 +674,28 @@ class ClassSRModule(SRModule):
                   [pair.hr_file.name for pair in pairs], [pair.lr_file.name for pair in pairs]]
         digest.update(json.dumps(header).encode())
         digest.update(np.ascontiguousarray(dataset.table).tobytes())
-        for key, value in sorted(self.network.branches[-1].state_dict().items()):
+        scorer = self.network.branches[-1] if scorer is None else scorer
+        for key, value in sorted(scorer.state_dict().items()):
             digest.update(key.encode())
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:24]
 
     @torch.no_grad()
-    def score_subimages(self, datamodule: Any) -> np.ndarray:
-        """Reference (wide-branch) PSNR of every training sub-image; each DDP rank scores a shard, then all gather."""
-        reference = self.network.branches[-1]
+    def score_subimages(self, datamodule: Any, scorer: nn.Module | None = None) -> np.ndarray:
+        """PSNR of every training sub-image through ``scorer`` (default the reference, i.e. the wide branch);
+        each DDP rank scores a shard, then all gather."""
+        reference = self.network.branches[-1] if scorer is None else scorer
         was_training = reference.training
         reference.eval()
         crop = self.scale
         indices: list[np.ndarray] = []
         scores: list[np.ndarray] = []
         loader = datamodule.subimage_dataloader(batch_size=self.split_batch_size, split_across_ranks=True)
-        device = next(reference.parameters()).device
+        device = next(self.network.parameters()).device
+        reference.to(device)
+        if _rank() == 0:
+            rank_zero_info(f"[effsr] ClassSR split: scoring {datamodule.num_subimages} sub-images "
+                           f"({len(loader)} batches of {self.split_batch_size} per rank)")
         try:
             for batch_index, batch in enumerate(loader):
                 lr = batch["lr"].to(device).float().div_(255.0)
@@ -609,9 +704,8 @@ class ClassSRModule(SRModule):
                 values = psnr_fn(sr, hr, crop_border=crop, y_channel=self.split_metric == "y")
                 indices.append(batch["index"].numpy())
                 scores.append(values.cpu().numpy())
-                if batch_index % 200 == 0 and _rank() == 0:
-                    rank_zero_info(f"[effsr] ClassSR split: scored {batch_index * self.split_batch_size} sub-images "
-                                   f"on rank 0 ({len(loader)} batches per rank)")
+                if (batch_index + 1) % 200 == 0 and _rank() == 0:
+                    rank_zero_info(f"[effsr] ClassSR split: {batch_index + 1}/{len(loader)} batches scored on rank 0")
         finally:
             reference.train(was_training)
         local = (np.concatenate(indices) if indices else np.zeros(0, np.int64),
@@ -635,7 +729,8 @@ class ClassSRModule(SRModule):
             datamodule.setup("fit")
         if not isinstance(datamodule.train_dataset, SubImageDataset):
             raise ConfigError("ClassSR's split scores fixed sub-images: set data.train_crop: grid")
-        key = self.split_cache_key(datamodule)
+        scorer = load_split_model(self.split_model, self.scale) if self.split_model else None
+        key = self.split_cache_key(datamodule, scorer)
         path = self._split_folder(datamodule) / f"split-{key}.npz"
         scores = None
         if _rank() == 0 and path.is_file():
@@ -645,14 +740,17 @@ class ClassSRModule(SRModule):
         scores = _broadcast_object(scores)
         cached = scores is not None
         if scores is None:
-            scores = self.score_subimages(datamodule)
+            scores = self.score_subimages(datamodule, scorer)
             if _rank() == 0:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 handle, temporary = tempfile.mkstemp(prefix=".split-", suffix=".npz", dir=path.parent)
                 with os.fdopen(handle, "wb") as stream:
                     np.savez(stream, scores=scores)
                 os.replace(temporary, path)
-        labels, thresholds = split_by_score(scores, self.num_classes)
+        if self.fixed_thresholds is None:
+            labels, thresholds = split_by_score(scores, self.num_classes)
+        else:
+            labels, thresholds = split_by_thresholds(scores, self.fixed_thresholds), list(self.fixed_thresholds)
         self.split_labels = torch.from_numpy(labels)
         self.split_thresholds = thresholds
         self.split_key = key
@@ -661,6 +759,8 @@ class ClassSRModule(SRModule):
             "thresholds": thresholds, "class_sizes": np.bincount(labels, minlength=self.num_classes).tolist(),
             "cached": cached, "path": str(path), "num_subimages": int(len(scores)),
             "psnr_mean": float(finite.mean()) if len(finite) else math.nan,
+            "scored_by": self.split_model or "reference (wide branch)",
+            "thresholds_from": "split_thresholds option" if self.fixed_thresholds else "equal classes",
         }
         rank_zero_info(f"[effsr] ClassSR split ({'cached' if cached else 'computed'}, {path}): "
                        f"{len(scores)} sub-images, thresholds {', '.join(f'{t:.3f}' for t in thresholds)} dB, "
@@ -779,9 +879,14 @@ class ClassSRModule(SRModule):
     def on_eval_measured(self, stage: str, per_set: dict[str, dict[str, Any]], overall: dict[str, Any],
                          n_images: int) -> None:
         """The routed cost (:meth:`cost_report`, ``effsr profile``, the checkpoint) follows the class counts of
-        all images of the last evaluation."""
+        all images of the last evaluation. One console line per evaluation gives each set's class shares (visible
+        without a logger)."""
         if self.force_branch is not None or not overall.get("patches"):
             return
+        shares = "; ".join(f"{name} " + "/".join(f"{100 * p:.0f}" for p in values.get("class_proportions", []))
+                           for name, values in sorted(per_set.items()) if values.get("class_proportions"))
+        rank_zero_info(f"[effsr] ClassSR routing ({stage} step {int(self.global_step)}), % of patches per branch "
+                       f"narrow→wide: {shares}")
         self._measured_counts = torch.tensor(overall["class_counts"], dtype=torch.float64)
         self._measured_from = {"stage": stage, "sets": sorted(per_set), "images": n_images,
                                "patches": int(overall["patches"]),
@@ -833,8 +938,9 @@ class ClassSRModule(SRModule):
         costs = routed_costs(self.network, proportions, patch_size=self.patch_size, stride=self.stride,
                              classifier=self.force_branch is None)
         _, classifier_macs = self.patch_macs()
+        counted = self.network if self.force_branch is None else self.network.branches[self.force_branch]
         report = {
-            "params": float(count_params(self.network)),
+            "params": float(count_params(counted)),
             "macs_720p": costs["macs_720p"],
             "macs_720p_wide": costs["macs_720p_wide"],
             "macs_720p_percent_of_wide": costs["macs_720p_percent_of_wide"],
@@ -881,18 +987,102 @@ def _meta_macs_720p(module: nn.Module, scale: int) -> int:
         return macs_at_720p(module, scale)
 
 
+def wide_branch_filter(network: ClassSRNet) -> StateFilter:
+    """Filter of ClassSR checkpoints: keeps the wide branch's keys (``branches.<K-1>.``) when present, so a
+    ClassSR, backbone (``network.*``) or plain state dict all load into the wide branch."""
+    return strip_prefix(f"branches.{network.num_classes - 1}.")
+
+
 def load_reference_weights(network: ClassSRNet, path: str) -> None:
-    """Loads the wide branch from a backbone checkpoint (``network.*``), a ClassSR checkpoint or a state dict."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"reference_checkpoint '{path}' does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    wide_prefix = f"network.branches.{network.num_classes - 1}."
-    if any(key.startswith(wide_prefix) for key in state):
-        state = {key[len(wide_prefix):]: value for key, value in state.items() if key.startswith(wide_prefix)}
-    elif any(key.startswith("network.") for key in state):
-        state = {key[len("network."):]: value for key, value in state.items() if key.startswith("network.")}
+    """Loads the wide branch from a backbone checkpoint (``network.*``), a ClassSR checkpoint or a state dict,
+    through :func:`effsr.weights.load_network_state` (``weights_only``: a pickle that needs code is refused)."""
+    load_network_state(network.branches[-1], path, prefix="network.", filter_fn=wide_branch_filter(network),
+                       what="reference_checkpoint")
+
+
+def _instantiate(spec: Any) -> Any:
+    """``{class_path, init_args}`` dicts (nested ones too) as objects; other values unchanged."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        path = spec["class_path"]
+        module_name, _, class_name = path.rpartition(".")
+        try:
+            target = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ConfigError(f"class_path '{path}' not found") from error
+        return target(**{key: _instantiate(value) for key, value in (spec.get("init_args") or {}).items()})
+    if isinstance(spec, dict):
+        return {key: _instantiate(value) for key, value in spec.items()}
+    if isinstance(spec, list):
+        return [_instantiate(value) for value in spec]
+    return spec
+
+
+def load_split_model(argument: str, scale: int) -> nn.Module:
+    """The network ``split_model`` names: an effsr checkpoint (its run's ``config.yaml`` found as ``effsr
+    compare`` finds it) or ``CKPT@CONFIG.yaml``; a ClassSR model scores with its wide branch. Weights go
+    through :func:`effsr.weights.load_network_state`; the scale must be ``scale``."""
+    import yaml
+
+    from effsr.compare.models import parse_model
+
     try:
-        network.branches[-1].load_state_dict(state)
-    except RuntimeError as error:
-        raise CheckpointError(f"reference_checkpoint '{path}' does not fit the wide branch: {error}") from error
+        spec = parse_model(argument)
+    except (CheckpointError, ConfigError) as error:
+        raise ConfigError(f"model.init_args.split_model: {error}") from error
+    if spec.checkpoint is None or not spec.configs:
+        raise ConfigError(f"model.init_args.split_model '{argument}' must be a checkpoint (or CKPT@CONFIG.yaml)")
+    config = yaml.safe_load(spec.configs[-1].read_text()) or {}
+    trained_scale = (config.get("data") or {}).get("scale")
+    if trained_scale is not None and int(trained_scale) != int(scale):
+        raise ConfigError(f"split_model '{argument}' is a x{trained_scale} model ({spec.configs[-1]}), "
+                          f"this run is x{scale}; give a model of the same scale")
+    network_spec = copy.deepcopy(((config.get("model") or {}).get("init_args") or {}).get("network"))
+    if not isinstance(network_spec, dict) or "class_path" not in network_spec:
+        raise ConfigError(f"split_model '{argument}': {spec.configs[-1]} has no model.init_args.network")
+    network_spec.setdefault("init_args", {}).setdefault("scale", int(scale))
+    network = _instantiate(network_spec)
+    load_network_state(network, spec.checkpoint, prefix="network.", what="split_model")
+    scorer = network.branches[-1] if isinstance(network, ClassSRNet) else network
+    if int(getattr(scorer, "scale", scale)) != int(scale):
+        raise ConfigError(f"split_model '{argument}' upsamples by x{scorer.scale}, this run is x{scale}")
+    return scorer.eval().requires_grad_(False)
+
+
+def backbone_config(spec: dict[str, Any], run_config: dict[str, Any] | None, scale: int) -> dict[str, Any]:
+    """The config of a branch saved alone: the run's config (data, trainer without callbacks) with the model
+    replaced by a plain :class:`effsr.models.SRModule` of the branch's backbone."""
+    config = copy.deepcopy(run_config or {})
+    config.pop("ckpt_path", None)
+    trainer = dict(config.get("trainer") or {})
+    trainer.pop("callbacks", None)
+    trainer["logger"] = False
+    config["trainer"] = trainer
+    config["model"] = {"class_path": "effsr.models.SRModule", "init_args": {"network": copy.deepcopy(spec)}}
+    data = dict(config.get("data") or {})
+    data["scale"] = int(scale)
+    config["data"] = data
+    return config
+
+
+def export_backbone(branch: nn.Module, folder: Path, name: str, spec: dict[str, Any] | None,
+                    run_config: dict[str, Any] | None, scale: int, info: dict[str, Any]) -> Path:
+    """Writes ``folder/<name>.ckpt`` (atomically): ``branch`` as the ``network`` of a plain SRModule checkpoint,
+    which ``effsr test``/``effsr compare`` evaluate and ``reference_checkpoint``/``split_model`` load; and
+    ``folder/config.yaml`` (:func:`backbone_config`) when the branch's backbone spec is known."""
+    import lightning
+    import yaml
+
+    from effsr.checkpointing import atomic_torch_save
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {f"network.{key}": value.detach().cpu().clone() for key, value in branch.state_dict().items()}
+    checkpoint = {"state_dict": state, "pytorch-lightning_version": lightning.__version__,
+                  "epoch": 0, "global_step": int(info.get("global_step", 0)), "classsr_export": dict(info)}
+    path = folder / f"{name}.ckpt"
+    atomic_torch_save(checkpoint, path)
+    if spec:
+        handle, temporary = tempfile.mkstemp(prefix=".config.", suffix=".yaml", dir=folder)
+        with os.fdopen(handle, "w") as stream:
+            yaml.safe_dump(backbone_config(spec, run_config, scale), stream, sort_keys=False)
+        os.replace(temporary, folder / "config.yaml")
+    return path
