@@ -36,10 +36,13 @@ Extractor = Callable[[ExtraContext], dict[str, Any]]
 
 @dataclass(frozen=True)
 class FitStage:
-    """One ``effsr fit`` run: a repository-relative config plus overrides (``{prev}``: previous checkpoint)."""
+    """One ``effsr fit`` run: a repository-relative config plus overrides (``{prev}``: previous checkpoint).
+    A ``shared`` stage (only at the start of a model's stages) is trained once, without the seed, for every model
+    and seed that declares the same leading stages (e.g. one dense start for all arms of a pruning experiment)."""
 
     config: str
     overrides: tuple[str, ...] = ()
+    shared: bool = False
 
 
 @dataclass(frozen=True)

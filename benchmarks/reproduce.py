@@ -19,6 +19,7 @@ fresh clone: ``--train sample`` (the embedded sample photographs) and ``--test s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -88,6 +89,9 @@ def train_model(decl: ModelDecl, seed: int | None, train: list[str], work: Path)
     seconds, trained = 0.0, False
     for index, stage in enumerate(decl.stages):
         stage_dir = run_dir / f"stage{index}"
+        if stage.shared:  # one run for every model/seed with these leading stages (no seed)
+            prefix = dataclasses.replace(decl, stages=decl.stages[:index + 1], compare_as=None)
+            stage_dir = work / "shared" / cache_key(prefix, None, train)[:12] / f"stage{index}"
         marker = stage_dir / "finished.json"
         if marker.is_file():
             record = json.loads(marker.read_text())
@@ -98,7 +102,7 @@ def train_model(decl: ModelDecl, seed: int | None, train: list[str], work: Path)
         command = _effsr("fit", "--config", str(REPO / stage.config), *overrides, f"--data.train={_data_arg(train)}",
                          f"--trainer.default_root_dir={stage_dir}", "--trainer.logger=false",
                          "--trainer.limit_val_batches=0")
-        if seed is not None:
+        if seed is not None and not stage.shared:
             command += [f"--seed_everything={seed}", f"--data.seed={seed}"]
         last = stage_dir / "checkpoints" / "last.ckpt"
         if last.is_file() and not any(item.startswith("--ckpt_path") for item in overrides):
