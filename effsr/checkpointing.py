@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
-from effsr.errors import CheckpointError
+from effsr.weights import read_checkpoint
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
@@ -57,23 +56,10 @@ def use_atomic_checkpoints(trainer: L.Trainer) -> None:
         checkpoint_io._checkpoint_io = AtomicCheckpointIO()
 
 
-def load_untrusted(path: _PATH) -> Any:
-    """Loads a checkpoint from elsewhere with ``weights_only=True`` (reads the legacy format too).
-
-    Anything that would need arbitrary unpickling (code objects, custom classes) is refused.
-    """
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"refusing to load {path}: it needs arbitrary unpickling ({str(error).splitlines()[0]}). "
-            "effsr only reads plain tensors/state dicts from foreign checkpoints; re-save it as a state_dict "
-            "(torch.save(model.state_dict(), ...)) in a trusted environment."
-        ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}. Is the file complete?") from error
+def load_untrusted(path: _PATH, what: str = "checkpoint") -> Any:
+    """Loads a checkpoint from elsewhere under effsr's one policy, :func:`effsr.weights.read_checkpoint`
+    (``weights_only=True``): anything that would need arbitrary unpickling is refused."""
+    return read_checkpoint(path, what)
 
 
 def training_ends_after_this_batch(trainer: L.Trainer) -> bool:

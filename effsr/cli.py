@@ -77,14 +77,22 @@ class EffSRSaveConfig(SaveConfigCallback):
 
 
 # ---------------------------------------------------------------------------- LightningCLI
+# Keys a run's config.yaml holds for its subcommand (Trainer.fit/validate/test/predict arguments): a CLI built without
+# subcommands (`effsr profile`, load_module_from_config) accepts them so that it reads that file as it is.
+_RUN_CONFIG_KEYS: dict[str, Any] = {"ckpt_path": str | None, "weights_only": bool | None, "verbose": bool | None,
+                                    "return_predictions": bool | None}
+
 class EffSRCLI(LightningCLI):
     """LightningCLI with effsr's defaults: data.scale linked into the model, W&B offline fallback,
     atomic checkpoints, a last.ckpt every epoch, a progress bar that names the phase."""
 
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+    def __init__(self, args: list[str] | None = None, run: bool = True, announce_threads: bool = True) -> None:
+        """``announce_threads=False``: a caller that already printed the ``[effsr] N CPU threads`` line (compare)."""
         from effsr.data import SRDataModule
         from effsr.models import SRModule
 
+        self._announce_threads = announce_threads
+        self._single_parser = not run  # no subcommands: a run's saved config.yaml still holds `ckpt_path`
         quiet_known_noise()
         super().__init__(
             SRModule,
@@ -144,10 +152,14 @@ class EffSRCLI(LightningCLI):
                             help="predict: folder for the SR PNGs (default: <default_root_dir>/predictions)")
         parser.add_argument("--threads", type=int | None, default=None,
                             help="CPU threads of torch (default: OMP_NUM_THREADS when set, else torch's default)")
+        if self._single_parser:  # the subcommands' own keys of a saved config.yaml, accepted and unused
+            for key, kind in _RUN_CONFIG_KEYS.items():
+                parser.add_argument(f"--{key}", type=kind, default=None,
+                                    help="read from a run's config.yaml and not used (`effsr profile` has --ckpt_path)")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        apply_thread_count(config.get("threads"))
+        apply_thread_count(config.get("threads"), announce=self._announce_threads)
         if config.get("trainer", {}).get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
             self.trainer_defaults["callbacks"] = [callback for callback in self.trainer_defaults["callbacks"]
                                                   if not isinstance(callback, PhaseProgressBar)]
@@ -216,15 +228,16 @@ def print_overview() -> None:
 
 # ---------------------------------------------------------------------------- profile / convert
 def load_module_from_config(config_args: list[str], ckpt_path: str | None) -> Any:
-    """Instantiates the model of an experiment config (and its checkpoint, structure first)."""
-    import torch
+    """Instantiates the model of an experiment config or of a run's own ``config.yaml``, and loads its checkpoint
+    through the safe loader (:func:`effsr.weights.read_checkpoint`), structure first."""
+    from effsr.weights import read_checkpoint, state_dict_of
 
     cli = EffSRCLI(args=[*config_args, "--trainer.logger=false"], run=False)
     model = cli.model
     if ckpt_path:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(ckpt_path, "--ckpt_path")
         model.on_load_checkpoint(checkpoint)
-        model.load_state_dict(checkpoint["state_dict"])
+        model.load_state_dict(state_dict_of(checkpoint, ckpt_path, "--ckpt_path"))
     return model.eval()
 
 

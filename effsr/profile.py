@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from effsr.cost import count_macs, count_params, format_count, macs_at_720p, macs_per_lr_patch
 
-__all__ = ["format_profile_table", "profile_network"]
+__all__ = ["format_profile_table", "profile_network", "time_runs_ms"]
 
 _MIB = 1024 * 1024
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -77,6 +77,22 @@ def _count_costs(network: nn.Module, scale: int, lr_size: tuple[int, int]) -> di
     except Exception:  # noqa: BLE001 - any failure on meta falls back to counting the real forward
         counted = count(network, next((p.device for p in network.parameters()), torch.device("cpu")))
     return {**own_costs(scale), **counted} if callable(own_costs) else counted
+
+
+def time_runs_ms(run: Callable[[], object], runs: int, warmup: int, device: torch.device) -> list[float]:
+    """Wall time [ms] of each of ``runs`` calls of ``run()`` after ``warmup`` untimed ones; on CUDA every timed
+    call is synchronised (the one timing loop of ``effsr profile`` and ``effsr compare``)."""
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        run()
+    synchronize()
+    timings = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        synchronize()
+        timings.append((time.perf_counter() - start) * 1000.0)
+    return timings
 
 
 def _status_kib(field: str) -> int:
@@ -156,7 +172,6 @@ def profile_network(network: nn.Module, scale: int, lr_size: tuple[int, int] = (
     was_training = network.training
     network = network.to(target).eval()
     image = _profile_input((height, width)).to(target)
-    synchronize = (lambda: torch.cuda.synchronize(target)) if target.type == "cuda" else (lambda: None)
 
     def forward() -> Tensor:
         with torch.inference_mode():
@@ -167,15 +182,7 @@ def profile_network(network: nn.Module, scale: int, lr_size: tuple[int, int] = (
             peak_bytes, memory_method = _cuda_peak_memory(forward, target)
         else:
             peak_bytes, memory_method = _cpu_peak_memory(forward)
-        for _ in range(warmup):
-            forward()
-        synchronize()
-        timings = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            forward()
-            synchronize()
-            timings.append((time.perf_counter() - start) * 1000.0)
+        timings = time_runs_ms(forward, runs, warmup, target)
     finally:
         network.train(was_training)
 

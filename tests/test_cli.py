@@ -328,15 +328,38 @@ def test_profile_edsr_baseline_json(tmp_path: Path) -> None:
     assert report["macs_720p"] > 100e9
 
 
+def test_profile_reads_a_runs_own_config_and_checkpoint_safely(tmp_path: Path) -> None:
+    """`effsr profile --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt` (the saved config holds
+    `ckpt_path`), weights loaded through effsr.weights; a checkpoint whose pickle needs code is refused."""
+    from effsr.cli import load_module_from_config
+    from effsr.errors import CheckpointError
+
+    root = tmp_path / "run"
+    EffSRCLI(args=["fit", "--config", str(TINY), "--trainer.logger=false", "--trainer.max_steps=2",
+                   "--trainer.limit_val_batches=0", "--trainer.default_root_dir", str(root)])
+    config, checkpoint = root / "config.yaml", root / "checkpoints" / "last.ckpt"
+    assert "ckpt_path" in config.read_text()
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    module = load_module_from_config(["--config", str(config)], str(checkpoint))
+    assert module.state_dict().keys() == saved.keys()
+    assert all(torch.equal(module.state_dict()[key], value) for key, value in saved.items())
+    report_path = tmp_path / "profile.json"
+    assert main(["profile", "--config", str(config), "--ckpt_path", str(checkpoint), "--runs", "1",
+                 "--lr_size", "16", "16", "--output", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["params"] == sum(value.numel() for key, value in saved.items() if key.startswith("network."))
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": saved, "hook": TrainingError("needs code to unpickle")}, evil)
+    with pytest.raises(CheckpointError, match=r"refusing to load --ckpt_path '.*evil.ckpt'"):
+        load_module_from_config(["--config", str(config)], str(evil))
+
+
 def _conventions_sets() -> list[Path]:
-    """Set5/Set14 of conventions.md when present ($EFFSR_BENCHMARK_SETS or a `shared/` folder beside the repo)."""
-    if "EFFSR_BENCHMARK_SETS" in os.environ:
-        candidates = [Path(os.environ["EFFSR_BENCHMARK_SETS"])]
-    else:
-        candidates = [parent / "shared" / "data" / "benchmarks" for parent in REPO.parents]
-    for root in candidates:
-        if (root / "Set5").is_dir() and (root / "Set14").is_dir():
-            return [root / "Set5", root / "Set14"]
+    """Set5/Set14 of the protocol's reference table when ``$EFFSR_BENCHMARK_SETS`` names a folder holding both
+    (tests never look outside the repository on their own); else none, and the test uses a generated set."""
+    root = Path(os.environ["EFFSR_BENCHMARK_SETS"]) if os.environ.get("EFFSR_BENCHMARK_SETS") else None
+    if root is not None and (root / "Set5").is_dir() and (root / "Set14").is_dir():
+        return [root / "Set5", root / "Set14"]
     return []
 
 

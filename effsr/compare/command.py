@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import yaml
 
+from effsr.cli_support import apply_thread_count
 from effsr.compare.evaluate import evaluate_model, measure_latency_ms, safe_name
 from effsr.compare.models import parse_models
 from effsr.compare.plot import pareto_plot
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="runs/compare", help="where results, JSON and PNG go")
     parser.add_argument("--latency_repeats", type=int, default=5, help="timed runs per device (median reported)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for the latency runs (default: torch's current intra-op threads)")
+                        help="CPU threads of the test loops and latency runs (default: OMP_NUM_THREADS when set, "
+                             "else torch's default)")
     parser.add_argument("--no_cuda_latency", action="store_true", help="skip the CUDA latency even on a GPU")
     parser.add_argument("--accelerator", default=None,
                         help="accelerator of the test loop (default: each model config's trainer.accelerator)")
@@ -88,14 +90,11 @@ def run_compare(args: argparse.Namespace, command: str) -> dict[str, Any]:
     test_sets = _test_sets(args.test_sets)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+    threads, _ = apply_thread_count(args.threads)  # the one `[effsr] N CPU threads` line of the command
     cuda = torch.cuda.is_available() and not args.no_cuda_latency
     models = []
     for spec in specs:
-        results, module = evaluate_model(spec, args.scale, test_sets, output_dir, args.accelerator)
-        torch.set_num_threads(threads)  # the test loop may change it; latency is measured at the stated count
+        results, module = evaluate_model(spec, args.scale, test_sets, output_dir, args.accelerator, threads)
         latency_cpu = measure_latency_ms(module, args.scale, args.latency_repeats, "cpu")
         latency_cuda = measure_latency_ms(module, args.scale, args.latency_repeats, "cuda") if cuda else None
         results_path = output_dir / safe_name(spec.name) / "test_results.json"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import yaml
 from effsr.compare.models import ModelSpec
 from effsr.cost import lr_size_for_720p
 from effsr.errors import CheckpointError, ConfigError
+from effsr.profile import time_runs_ms
 
 __all__ = ["evaluate_model", "measure_latency_ms", "safe_name"]
 
@@ -52,11 +52,12 @@ def checkpoint_scale(spec: ModelSpec) -> int:
 
 
 def evaluate_model(spec: ModelSpec, scale: int, test_sets: list[str], work_dir: Path,
-                   accelerator: str | None = None) -> tuple[dict[str, Any], Any]:
+                   accelerator: str | None = None, threads: int | None = None) -> tuple[dict[str, Any], Any]:
     """Runs ``Trainer.test`` of ``spec`` on ``test_sets``; returns (test_results.json content, the module).
 
     Checkpoints keep the scale of their config (a different ``scale`` is an error); configs and bicubic are
-    built at ``scale``. Results go to ``work_dir/<name>/test_results.json``.
+    built at ``scale``. Results go to ``work_dir/<name>/test_results.json``. ``threads`` (the count the compare
+    command already set and announced) is passed on as ``--threads``, silently.
     """
     from effsr.cli import EffSRCLI
 
@@ -71,8 +72,11 @@ def evaluate_model(spec: ModelSpec, scale: int, test_sets: list[str], work_dir: 
         args.append(f"--ckpt_path={spec.checkpoint}")
     if accelerator:
         args.append(f"--trainer.accelerator={accelerator}")
+    if threads is not None:
+        args.append(f"--threads={threads}")
     try:
-        cli = EffSRCLI(args=args)  # exactly `effsr test` (checkpoint structure and weights loaded by Lightning)
+        # exactly `effsr test` (checkpoint structure and weights loaded by Lightning)
+        cli = EffSRCLI(args=args, announce_threads=False)
     except RuntimeError as error:
         if "state_dict" not in str(error):
             raise
@@ -96,13 +100,5 @@ def measure_latency_ms(module: Any, scale: int, repeats: int, device: str = "cpu
     module = module.to(target).eval()
     generator = torch.Generator().manual_seed(0)
     lr = torch.rand((1, 3, *lr_size_for_720p(scale)), generator=generator).to(target)
-    synchronize = (lambda: torch.cuda.synchronize(target)) if target.type == "cuda" else (lambda: None)
-    timings: list[float] = []
     with torch.inference_mode():
-        for run in range(warmup + repeats):
-            start = time.perf_counter()
-            module.super_resolve(lr)
-            synchronize()
-            if run >= warmup:
-                timings.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(timings)
+        return statistics.median(time_runs_ms(lambda: module.super_resolve(lr), repeats, warmup, target))
