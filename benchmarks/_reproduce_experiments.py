@@ -48,7 +48,9 @@ class FitStage:
 @dataclass(frozen=True)
 class ModelDecl:
     """A model of an experiment. ``seeded`` models are trained once per seed; ``extra`` adds model-specific
-    numbers (sparsity, pruned width, routing) to the experiment JSON."""
+    numbers (sparsity, pruned width, routing) to the experiment JSON. ``from_run = (model, path)`` evaluates a
+    file another model's run wrote (``path`` relative to that model's final stage folder, same seed), e.g.
+    the -O model ClassSR saves as ``reference/reference.ckpt``: trained once, evaluated as its own model."""
 
     name: str
     role: Role
@@ -56,10 +58,11 @@ class ModelDecl:
     compare_as: str | None = None
     seeded: bool = True
     extra: Extractor | None = None
+    from_run: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
-        if bool(self.stages) == bool(self.compare_as):
-            raise ValueError(f"model {self.name!r}: declare either fit stages or compare_as, not both/neither")
+        if sum((bool(self.stages), bool(self.compare_as), bool(self.from_run))) != 1:
+            raise ValueError(f"model {self.name!r}: declare exactly one of fit stages, compare_as, from_run")
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,61 @@ def smsr_masks(context: ExtraContext) -> dict[str, Any]:
             "channels": int(masks[0].shape[1]) if masks else None}
 
 
+def classsr_record(context: ExtraContext) -> dict[str, Any]:
+    """ClassSR per test set: class shares (narrow→wide), FLOPs per 32×32 patch as % of the wide branch (= the
+    -O architecture) and routed MACs@720p as % of it, from the model's test_results.json; plus training."""
+    import json
+
+    results = json.loads(Path(context.entry["test_results"]).read_text())
+    sets = {name: {"class_proportions": row.get("class_proportions"),
+                   "flops_percent_of_O": row.get("flops_percent_of_wide"),
+                   "macs_720p_percent_of_O": row.get("macs_720p_percent_of_wide")}
+            for name, row in results.items() if isinstance(row, dict) and "class_proportions" in row}
+    return {"sets": sets, **training_record(context)}
+
+
+def nm_record(context: ExtraContext) -> dict[str, Any]:
+    """N:M: the frozen N of every N:M layer (forward order), M, budget and the N:M layers' cost fraction, from
+    the checkpoint's structure state and the compare entry; plus the training record."""
+    record = training_record(context)
+    if context.checkpoint is None:
+        return record
+    from effsr.weights import read_checkpoint
+
+    checkpoint = read_checkpoint(context.checkpoint)
+    structure = checkpoint.get("effsr", {}).get("structure", {})
+    hyper = checkpoint.get("hyper_parameters", {})
+    fixed = structure.get("fixed_n", {})
+    return {**record, "m": structure.get("m"), "n_per_layer": fixed, "n_list": list(fixed.values()),
+            "budget": hyper.get("budget"), "mode": hyper.get("mode"),
+            "nm_cost_fraction": context.entry.get("nm_cost_fraction")}
+
+
 _EDSR_SMALL = "experiments/small/edsr_small_x2.yaml"
+_CLASSSR_SMALL = "experiments/small/classsr_x4.yaml"
 _SMSR_SMALL = "experiments/small/smsr_x2.yaml"
 _BICUBIC = ModelDecl("bicubic", "baseline", compare_as="bicubic", seeded=False)
+_NM_DENSE = FitStage("experiments/small/nm_x4_dense.yaml", shared=True)
+
+
+def _nm_arm(name: str, role: Role, budget: str, mode: str, extra_overrides: tuple[str, ...] = (),
+            dense: FitStage = _NM_DENSE) -> ModelDecl:
+    """An N:M arm of nm_x4: the shared dense start, then experiments/small/nm_x4.yaml at ``budget``/``mode``."""
+    overrides = ("--model.init_args.dense_checkpoint={prev}", f"--model.init_args.budget={budget}",
+                 f"--model.init_args.mode={mode}", *extra_overrides)
+    return ModelDecl(name, role, (dense, FitStage("experiments/small/nm_x4.yaml", overrides)), extra=nm_record)
+
+
+def _nm_models(extra_overrides: tuple[str, ...] = (), dense: FitStage = _NM_DENSE) -> tuple[ModelDecl, ...]:
+    arms = [_nm_arm(f"{kind}_{budget}", "method" if kind == "sls" else "baseline", budget, mode, extra_overrides,
+                    dense)
+            for budget in ("0.25", "0.125")
+            for kind, mode in (("sls", "search"), ("uniform", "uniform"), ("oneshot", "oneshot"))]
+    return (ModelDecl("dense", "baseline", (dense,), seeded=False, extra=training_record), *arms)
+
+
+_NM_SMOKE_DENSE = FitStage("experiments/small/nm_x4_dense.yaml", (
+    "--trainer.max_steps=3", "--data.samples_per_epoch=24", "--data.lr_patch_size=16"), shared=True)
 
 EXPERIMENTS: dict[str, Experiment] = {
     experiment.name: experiment
@@ -133,6 +188,41 @@ EXPERIMENTS: dict[str, Experiment] = {
                           extra=training_record),
             ),
             claim=("smsr", "dense"),
+        ),
+        Experiment(
+            name="classsr_x4",
+            scale=4,
+            summary=("ClassSR ×4, MSRResNet branches 16/24/32 (3 blocks), the whole pipeline (reference → split → "
+                     "branches → classifier → joint) vs its -O model (the width-32 reference on all sub-images) "
+                     "and each branch alone; class shares and FLOPs % of -O per set in the JSON."),
+            models=(
+                ModelDecl("classsr", "method", (FitStage(_CLASSSR_SMALL),), extra=classsr_record),
+                ModelDecl("-O", "baseline", from_run=("classsr", "reference/reference.ckpt")),
+                ModelDecl("classsr_before_joint", "variant", from_run=("classsr", "before_joint/before_joint.ckpt"),
+                          extra=classsr_record),
+                *(ModelDecl(f"branch_{k}", "variant", from_run=("classsr", f"branch_{k}/branch_{k}.ckpt"))
+                  for k in range(3)),
+            ),
+            claim=("classsr", "-O"),
+        ),
+        Experiment(
+            name="nm_x4",
+            scale=4,
+            summary="SLS N:M (M = 32) on MSRResNet ×4 (32 features, 4 blocks): learned per-layer N vs uniform N:M "
+                    "at the same MACs and one-shot magnitude N:M, budgets 25 % and 12.5 % of the N:M layers' "
+                    "MACs, every arm 301 weight updates from one dense start (1000 steps).",
+            models=_nm_models(),
+            claim=("sls_0.25", "uniform_0.25"),
+        ),
+        Experiment(
+            name="nm_x4_smoke",
+            scale=4,
+            summary="Harness self-test of nm_x4's declaration: 3 dense steps, 8 steps per arm (tests only).",
+            models=_nm_models(("--trainer.max_steps=8", "--data.samples_per_epoch=32", "--data.lr_patch_size=16",
+                               "--model.init_args.score_lr=0.05", "--model.init_args.cost_weight=20"),
+                              _NM_SMOKE_DENSE),
+            claim=("sls_0.25", "uniform_0.25"),
+            test_only=True,
         ),
         Experiment(
             name="smoke",

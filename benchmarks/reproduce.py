@@ -137,6 +137,13 @@ def run_experiment(experiment: Experiment, args: argparse.Namespace, command: st
             if decl.stages:
                 checkpoint, seconds, trained = train_model(decl, seed, args.train, work)
                 compare_models.append(f"{label}={checkpoint}")
+            elif decl.from_run:
+                source = next(item for item in trained_models
+                              if item["decl"].name == decl.from_run[0] and item["seed"] == seed)
+                checkpoint, seconds, trained = source["checkpoint"].parent.parent / decl.from_run[1], None, False
+                if not checkpoint.is_file():
+                    raise SystemExit(f"model {decl.name!r}: {checkpoint} (written by {decl.from_run[0]}) is missing")
+                compare_models.append(f"{label}={checkpoint}")
             else:
                 target = decl.compare_as or ""
                 checkpoint, seconds, trained = None, None, False
@@ -144,10 +151,11 @@ def run_experiment(experiment: Experiment, args: argparse.Namespace, command: st
             trained_models.append({"decl": decl, "seed": seed, "label": label, "checkpoint": checkpoint,
                                    "seconds": seconds, "trained": trained})
     train_done = time.perf_counter()
-    compare_command = _effsr("compare", *compare_models, "--scale", str(experiment.scale), "--test_sets",
+    compare_command = _effsr("compare", "--scale", str(experiment.scale), "--test_sets",
                              json.dumps(args.test), "--output_dir", str(compare_dir), "--latency_repeats",
                              str(args.latency_repeats), "--title", experiment.name,
-                             *(["--logger", "wandb"] if args.wandb else []))
+                             *(["--logger", "wandb"] if args.wandb else []),
+                             "--", *compare_models)  # `--`: a model named like an option (-O) stays a model
     print(f"  evaluating {len(compare_models)} models with effsr compare ({compare_dir / 'compare.log'})", flush=True)
     _run_logged(compare_command, compare_dir / "compare.log")
     report_json = json.loads((compare_dir / "compare.json").read_text())

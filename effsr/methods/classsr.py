@@ -507,6 +507,8 @@ class ClassSRModule(SRModule):
         if kind == "classifier":
             for index in range(self.num_classes):
                 self._export(f"branch_{index}", index)
+        if kind == "joint":
+            self._save_before_joint()
         if kind == "branches" and self.split_labels is None:
             raise ConfigError(f"phase '{name}' trains branches on their classes: put a `split` phase before it")
         self._set_trainable(name, settings)
@@ -529,18 +531,36 @@ class ClassSRModule(SRModule):
         if self.phase_kind() not in (None, "split"):
             self._set_trainable()
 
+    def _run_config_path(self) -> Path | None:
+        """The ``config.yaml`` that ``effsr fit`` wrote for this run, if any."""
+        for folder in (self.trainer.log_dir or "", self.trainer.default_root_dir):
+            if folder and (Path(folder) / "config.yaml").is_file():
+                return Path(folder) / "config.yaml"
+        return None
+
+    def _save_before_joint(self) -> None:
+        """The whole ClassSR model before ``joint`` (``export_backbones``): ``<default_root_dir>/before_joint/``
+        ``before_joint.ckpt`` with the run's ``config.yaml``, so joint's effect is measurable in one run."""
+        if not self.export_backbones or self._trainer is None:
+            return
+        folder = Path(self.trainer.default_root_dir) / "before_joint"
+        self.trainer.save_checkpoint(folder / "before_joint.ckpt")  # every rank calls it; rank 0 writes
+        source = self._run_config_path()
+        if source is not None and _rank() == 0:
+            handle, temporary = tempfile.mkstemp(prefix=".config.", suffix=".yaml", dir=folder)
+            with os.fdopen(handle, "w") as stream:
+                stream.write(source.read_text())
+            os.replace(temporary, folder / "config.yaml")
+        rank_zero_info(f"[effsr] ClassSR: the model before joint saved as {folder / 'before_joint.ckpt'}")
+
     def _export(self, name: str, index: int) -> None:
         """Branch ``index`` as a plain backbone checkpoint (``export_backbones``; rank 0 only)."""
         if not self.export_backbones or self._trainer is None or _rank() != 0:
             return
         import yaml
 
-        run_config = None
-        for folder in {self.trainer.log_dir or "", self.trainer.default_root_dir}:
-            candidate = Path(folder) / "config.yaml"
-            if folder and candidate.is_file():
-                run_config = yaml.safe_load(candidate.read_text())
-                break
+        source = self._run_config_path()
+        run_config = yaml.safe_load(source.read_text()) if source is not None else None
         specs = self.network.branch_specs
         info = {"name": name, "branch": index, "phase": self.phase_name, "global_step": int(self.global_step),
                 "reference_checkpoint": self.reference_checkpoint}
