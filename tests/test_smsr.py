@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import effsr.methods.smsr as smsr  # noqa: E402
+from effsr.errors import CheckpointError
 from effsr.methods.smsr import SMSR, analytic_macs_720p, convert_official_checkpoint  # noqa: E402
 
 OFFICIAL_SPARSE_COUNTS = [[40, 55, 61, 64], [48, 60, 63, 64], [48, 57, 63, 64], [61, 64, 64, 64], [50, 59, 64, 64]]
@@ -143,7 +144,7 @@ def test_converter_round_trip_legacy_format(tmp_path: Path) -> None:
     for key, value in state.items():
         assert torch.equal(network.state_dict()[key], value)
     assert network.pixel_range == 255.0
-    with pytest.raises(smsr.CheckpointError, match="×2"):
+    with pytest.raises(CheckpointError, match="×2"):
         convert_official_checkpoint(str(src), str(tmp_path / "x4.ckpt"), scale=4)
     wrapped = tmp_path / "SMSR_x2_dataparallel.pt"
     torch.save({f"module.{key}": value for key, value in state.items()}, wrapped)
@@ -160,7 +161,7 @@ class _Evil:
 def test_converter_refuses_malicious_pickle(tmp_path: Path) -> None:
     src = tmp_path / "evil.pt"
     torch.save({"head.0.weight": torch.zeros(1), "payload": _Evil()}, src)
-    with pytest.raises(smsr.CheckpointError, match="unpickling"):
+    with pytest.raises(CheckpointError, match="unpickling"):
         convert_official_checkpoint(str(src), str(tmp_path / "out.ckpt"), scale=2)
     assert not (tmp_path / "out.ckpt").exists()
 
@@ -246,7 +247,7 @@ def test_convert_official_then_effsr_test(tmp_path: Path, monkeypatch: pytest.Mo
             assert abs(row["images"][name]["psnr_y"] - expected) < 1e-3
     bad = torch.load("smsr_x2.ckpt", weights_only=True)
     module = smsr.SMSRModule(SMSR(scale=2, pixel_range=1.0))
-    with pytest.raises(smsr.CheckpointError, match="pixel_range=255.0"):
+    with pytest.raises(CheckpointError, match="pixel_range=255.0"):
         module.on_load_checkpoint(bad)
     evil = tmp_path / "evil.pt"
     torch.save({"head.0.weight": torch.zeros(1), "payload": _Evil()}, evil)
