@@ -94,6 +94,7 @@ def test_compare_evaluates_bicubic_and_checkpoints_with_one_protocol(
                  "--logger", "wandb"])
     assert code == 0
     printed = capsys.readouterr().out
+    assert printed.count(" CPU thread") == 1  # compare announces its thread count once, for all three models
     table = printed[printed.index("CPU ms ("):]
     assert all(name in table for name in ("bicubic", "first", "run_b", "fabset"))
 

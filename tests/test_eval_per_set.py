@@ -226,3 +226,41 @@ def test_fit_prints_one_validation_line_per_validation(tmp_path: Path, capsys: p
     summaries = [line for line in lines if line.startswith("val step ")]
     assert len(summaries) == 1, lines
     assert summaries[0].startswith("val step 2 | Flat psnr_y ") and " | Noise psnr_y " in summaries[0]
+
+
+def test_y_metrics_are_computed_once_per_image_and_set_means_match(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation computes Y-PSNR/SSIM once per batch (the records and the torchmetrics states share them): the
+    metrics' own SSIM/PSNR scoring never runs for Y, and each set's value is the mean of its per-image values."""
+    import effsr.models.evaluation as evaluation
+    from effsr.archs import BicubicSR
+    from effsr.metrics import SSIM
+    from effsr.models import SRModule
+
+    calls = {"psnr": 0, "ssim": 0}
+
+    def counting(name: str, function):  # noqa: ANN001, ANN202 - a thin spy
+        def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapped
+
+    def refuse(*args: object, **kwargs: object) -> Tensor:
+        raise AssertionError("SSIM scored a second time")
+
+    monkeypatch.setattr(evaluation, "psnr_fn", counting("psnr", evaluation.psnr_fn))
+    monkeypatch.setattr(evaluation, "ssim_fn", counting("ssim", evaluation.ssim_fn))
+    monkeypatch.setattr(SSIM, "score_fn", staticmethod(refuse))
+    first, second = _write_set(tmp_path / "Noise", "noise", 3), _write_set(tmp_path / "Halves", "halves", 2)
+    data = SRDataModule(scale=2, test_sets=[str(first), str(second)], num_workers=0)
+    module = SRModule(BicubicSR(scale=2), results_dir=str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=str(tmp_path))
+    trainer.test(module, datamodule=data, verbose=False)
+    assert calls == {"psnr": 5, "ssim": 5}  # one batch per image, each scored once
+    for name, count in (("Noise", 3), ("Halves", 2)):
+        row = module.eval_results[name]
+        images = list(row["images"].values())
+        assert row["n_images"] == len(images) == count
+        for key in ("psnr_y", "ssim_y"):
+            assert abs(row[key] - sum(image[key] for image in images) / count) <= 1e-12

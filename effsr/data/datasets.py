@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Sampler
 from effsr.data.cache import CachedPair
 from effsr.data.io import read_image
 from effsr.errors import ConfigError, DataError
+from effsr.metrics import SSIM_WINDOW
 
 # ----------------------------------------------------------------------------------------- randomness
 _MASK64 = (1 << 64) - 1
@@ -254,7 +255,6 @@ class SubImageView(Dataset):
         return {"lr": to_chw_tensor(lr), "hr": to_chw_tensor(hr), "index": torch.tensor(index, dtype=torch.int64)}
 
 
-SSIM_WINDOW = 11  # side of the Gaussian window of effsr.metrics.ssim (valid region only)
 
 
 def min_eval_hr_size(scale: int) -> int:

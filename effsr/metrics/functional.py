@@ -11,7 +11,8 @@ import torch
 
 from effsr.errors import ConfigError
 
-_SSIM_RADIUS = 5  # 11-tap window, sigma 1.5; the valid region drops this many pixels on each side
+SSIM_WINDOW = 11  # side of SSIM's Gaussian window (sigma 1.5); only the valid region is scored
+_SSIM_RADIUS = SSIM_WINDOW // 2  # the valid region drops this many pixels on each side
 _SSIM_C1 = (0.01 * 255) ** 2
 _SSIM_C2 = (0.03 * 255) ** 2
 # 32 MiB of float64 moments per CPU row chunk (~400 rows of a 2K image). 2^18 costs 20 % less CPU time but runs

@@ -26,7 +26,11 @@ class _PerImageMean(Metric):
 
     def update(self, sr: torch.Tensor, hr: torch.Tensor) -> None:
         """Adds the per-image scores of a batch."""
-        scores = type(self).score_fn(sr, hr, self.crop_border, self.y_channel)
+        self.update_scores(type(self).score_fn(sr, hr, self.crop_border, self.y_channel))
+
+    def update_scores(self, scores: torch.Tensor) -> None:
+        """Adds per-image scores computed elsewhere with this metric's ``score_fn``, crop and channel (so a caller
+        that also keeps the per-image values computes them once)."""
         self.total += scores.sum().to(self.total.device)
         self.count += scores.numel()
 

@@ -199,11 +199,13 @@ class EvaluationMixin:
                 f"{type(self).__name__} measures its cost per image: evaluation batches must hold one image "
                 f"(got {lr.shape[0]}); SRDataModule's val/test loaders do."
             )
-        for metric in self._metrics_for(stage, set_name).values():
-            metric.update(sr, hr)
         image_names = list(batch.get("name") or [f"image{len(self._eval_records) + i:05d}" for i in range(len(lr))])
         psnr_values = psnr_fn(sr, hr, crop_border=self.scale, y_channel=True)
         ssim_values = ssim_fn(sr, hr, crop_border=self.scale, y_channel=True)
+        metrics = self._metrics_for(stage, set_name)  # Y values computed once, for the metrics and the records
+        metrics["psnr_y"].update_scores(psnr_values)
+        metrics["ssim_y"].update_scores(ssim_values)
+        metrics["psnr_rgb"].update(sr, hr)
         values = self.image_measurements(measured, sr, hr) if lr.shape[0] == 1 else {}
         for index, image_name in enumerate(image_names):
             self._eval_records.add(ImageRecord(set_name, image_name, float(psnr_values[index]),
