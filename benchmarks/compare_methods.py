@@ -4,7 +4,8 @@
                                          [--smsr_release CKPT] [--docs docs/comparison.md] [--no-docs]
 
 Nothing is trained here. For every reproduction of ``benchmarks/_reproduce_experiments.py`` (except the harness
-self-test) the final checkpoint of each declared model is looked up in the harness's cache
+self-test) the final checkpoint of each declared method and baseline (``--variants``: also the variants) is
+looked up in the harness's cache
 (``W/runs/<model>/seed0-<key>/stage<i>/finished.json``, the key computed by ``benchmarks/reproduce.py`` from
 the stage configs, the seed and the training data; seed 0 only). ``--train`` defaults to the training data the
 experiment's own ``W/EXPERIMENT.json`` records. A model whose run is missing is left out and the
@@ -115,7 +116,7 @@ def find_models(args: argparse.Namespace) -> tuple[dict[int, list[Row]], list[st
                 notes.append(f"{experiment.name}: {note}")
         rows = by_scale.setdefault(experiment.scale, [])
         absent = []
-        for decl in experiment.models:
+        for decl in (decl for decl in experiment.models if decl.role != "variant" or args.variants):
             if decl.compare_as:
                 argument = decl.compare_as if decl.compare_as == "bicubic" else str(REPO / decl.compare_as)
                 name = "bicubic" if decl.compare_as == "bicubic" else f"{experiment.name}:{decl.name}"
@@ -366,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", dest="work_dir", nargs="+", default=["runs/reproduce"],
                         help="harness work dirs to look in (first: where outputs go)")
     parser.add_argument("--smsr_release", default=None, help="converted SMSR ×2 release (effsr convert --method smsr)")
+    parser.add_argument("--variants", action="store_true",
+                        help="also the experiments' variants (default: each method and its baselines)")
     parser.add_argument("--latency-repeats", dest="latency_repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of the test loops and latency runs")
     parser.add_argument("--docs", default=str(REPO / "docs" / "comparison.md"), help="Markdown file to write")

@@ -20,8 +20,9 @@ Figures (one printed line each, all collected in the JSON):
   config ``experiments/*.yaml`` for ``--steps`` optimizer steps, fp32 and bf16 autocast (``bf16-mixed``). The
   module, optimizer and phase schedule are built by effsr's CLI from the config (``EffSRCLI(run=False)``);
   the data module's loader is replaced by synthetic uint8 batches of the config's batch and patch size, so no
-  data is read. Configs that cannot train from scratch (parameter-free, or needing member checkpoints) are
-  reported with the error's first line.
+  data is read. The timed steps are the first phase's (e.g. ASSL's ``dense``, ClassSR's ``reference``); a ClassSR
+  ``split_model`` is set to null (it only decides the data split). Parameter-free configs and configs that start
+  from trained checkpoints (N:M adaptive's members) are skipped, with the reason.
 
 Times are medians of ``--repeats`` runs after one warm-up, CUDA-synchronised. ``--smoke`` runs everything on
 the CPU at small sizes; CUDA-only figures print ``skipped (no CUDA)`` there (their CPU-side code still runs).
@@ -46,6 +47,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -61,6 +63,7 @@ from smsr_inference import DENSITIES, build_network, edge_masks  # noqa: E402
 
 from effsr.archs import LEDSR  # noqa: E402
 from effsr.cost import count_params, macs_at_720p  # noqa: E402
+from effsr.errors import CheckpointError  # noqa: E402
 from effsr.methods.classsr import ClassSRModule, ClassSRNet  # noqa: E402
 from effsr.methods.smsr import analytic_macs_720p  # noqa: E402
 
@@ -224,7 +227,18 @@ def check_training(config: str, precision: str, device: torch.device, steps: int
                      "--trainer.enable_model_summary=false", "--data.num_workers=0"]
         if smoke:
             arguments += ["--data.batch_size=1", "--data.lr_patch_size=8"]
-        cli = EffSRCLI(args=arguments, run=False)
+        model_args = (yaml.safe_load((REPO / config).read_text()).get("model") or {}).get("init_args") or {}
+        if model_args.get("split_model"):  # ClassSR's split reference only decides the data split, not the step
+            arguments.append("--model.init_args.split_model=null")
+        try:
+            cli = EffSRCLI(args=arguments, run=False)
+        except CheckpointError as error:  # a pipeline that starts from trained members (N:M adaptive)
+            first = str(error).strip().splitlines()[0]
+            return {"config": config, "precision": precision, "status": "skipped (needs checkpoints)",
+                    "error": first, "line": f"skipped (needs checkpoints): {first}"}
+        if count_params(cli.model) == 0:
+            return {"config": config, "precision": precision, "status": "skipped (no trainable parameters)",
+                    "line": "skipped (no trainable parameters)"}
         data = cli.datamodule
         lr_size = data.hr_subimage_size // data.scale if data.train_crop == "grid" else data.lr_patch_size
         batches = synthetic_batches(data.batch_size, lr_size, data.scale, steps + 1)
