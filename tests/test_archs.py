@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from effsr.archs import CARN, CARNM, EDSR, FSRCNN, LEDSR, RCAN, BicubicSR, MSRResNet, Upsampler
+from effsr.methods.smsr import SMSR
 
 # Small configurations for forward passes (published widths are checked on the meta device below).
 SMALL = {
@@ -20,6 +21,7 @@ SMALL = {
     FSRCNN: {"num_features": 8, "shrink_features": 4, "num_mapping": 2},
     MSRResNet: {"num_features": 8, "num_blocks": 2},
     RCAN: {"num_features": 16, "num_groups": 2, "num_blocks": 2, "reduction": 4},
+    SMSR: {"num_features": 16, "num_modules": 1, "num_layers": 2},
 }
 
 

@@ -46,6 +46,26 @@ class MeanShift(nn.Module):
         return x + self.shift
 
 
+class ConvMeanShift(nn.Conv2d):
+    """The mean shift as a frozen 1×1 convolution (identity weight, bias ``sign · pixel_range · mean``).
+
+    Unlike :class:`MeanShift` its ``weight``/``bias`` are in the state dict: the layout of networks whose
+    released weights store them (SMSR's ``sub_mean``/``add_mean``), so their checkpoints load key for key.
+    They never train (``requires_grad`` off); cost reports do not count them as parameters.
+    """
+
+    def __init__(self, pixel_range: float = 1.0, sign: int = -1,
+                 rgb_mean: tuple[float, float, float] = DIV2K_RGB_MEAN) -> None:
+        super().__init__(3, 3, kernel_size=1)
+        if sign not in (-1, 1):
+            raise ValueError(f"sign must be -1 or +1, got {sign!r}")
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.bias.copy_(sign * pixel_range * torch.tensor(rgb_mean))
+        for parameter in self.parameters():
+            parameter.requires_grad = False
+
+
 def conv3x3(in_channels: int, out_channels: int, bias: bool = True, groups: int = 1) -> nn.Conv2d:
     """A 3×3 convolution with 'same' padding."""
     return nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias, groups=groups)

@@ -16,19 +16,19 @@ from effsr.methods.smsr.convert import (
     network_init_args,
     smsr_from_state_dict,
 )
-from effsr.methods.smsr.cost import analytic_macs_720p, plain_macs_720p
+from effsr.methods.smsr.cost import analytic_macs_720p, deployed_params, plain_macs_720p
 from effsr.methods.smsr.module import SMSRModule
-from effsr.methods.smsr.network import SMM, SMSR, CALayer, MeanShift, gumbel_softmax
+from effsr.methods.smsr.network import SMM, SMSR, CALayer, gumbel_softmax
 
 __all__ = [
     "SMB",
     "SMM",
     "SMSR",
     "CALayer",
-    "MeanShift",
     "SMSRModule",
     "analytic_macs_720p",
     "convert_official_checkpoint",
+    "deployed_params",
     "gumbel_softmax",
     "load_smsr_weights",
     "network_init_args",

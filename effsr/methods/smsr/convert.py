@@ -9,9 +9,14 @@ from typing import Any
 import lightning
 from torch import Tensor
 
-from effsr.checkpointing import atomic_torch_save, load_untrusted
+from effsr.checkpointing import atomic_torch_save
 from effsr.errors import CheckpointError
 from effsr.methods.smsr.network import SMSR
+from effsr.weights import StateFilter, compose, read_checkpoint, state_dict_of, strip_prefix
+
+#: Official layout filter: the released state_dicts (DataParallel-saved ones under ``module.``) and effsr
+#: checkpoints (``network.``) both become the bare SMSR key layout (``head.0.weight``, ``body.k.body.ch_mask``...).
+SMSR_STATE_FILTER: StateFilter = compose(strip_prefix("module."), strip_prefix("network."))
 
 
 def network_init_args(network: SMSR) -> dict[str, Any]:
@@ -26,13 +31,12 @@ def network_init_args(network: SMSR) -> dict[str, Any]:
 
 
 def smsr_from_state_dict(state: dict[str, Tensor], pixel_range: float, source: str) -> SMSR:
-    """An :class:`SMSR` shaped like ``state`` (official key layout; a DataParallel ``module.`` prefix is dropped).
+    """An :class:`SMSR` shaped like ``state`` (official key layout after :data:`SMSR_STATE_FILTER`).
 
     Width, module and layer counts and the scale are read from the tensor shapes; any other layout is refused
     with a message naming ``source``.
     """
-    if state and all(key.startswith("module.") for key in state):
-        state = {key.removeprefix("module."): value for key, value in state.items()}
+    state = SMSR_STATE_FILTER(state)
     if "head.0.weight" not in state or "body.0.body.ch_mask" not in state or "tail.0.weight" not in state:
         raise CheckpointError(
             f"{source} is not an SMSR state_dict (no `head.0.weight` / `body.0.body.ch_mask` / `tail.0.weight`)."
@@ -65,14 +69,11 @@ def load_smsr_weights(path: str, pixel_range: float | None = None) -> SMSR:
     effsr checkpoints carry their pixel range when converted (``smsr_network``); for trained ones it defaults to
     255, the range of every SMSR config in ``experiments/``. ``pixel_range`` overrides both.
     """
-    loaded = load_untrusted(path)
-    if not isinstance(loaded, dict):
-        raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not an SMSR state_dict or effsr checkpoint.")
-    state = loaded.get("state_dict", loaded)
-    if any(key.startswith("network.") for key in state):
-        state = {key.removeprefix("network."): value for key, value in state.items() if key.startswith("network.")}
+    loaded = read_checkpoint(path, "SMSR weights")
+    state = state_dict_of(loaded, path, "SMSR weights")
     if pixel_range is None:
-        pixel_range = float(loaded.get("smsr_network", {}).get("pixel_range", 255.0))
+        converted = loaded.get("smsr_network", {}) if isinstance(loaded, dict) else {}
+        pixel_range = float(converted.get("pixel_range", 255.0))
     return smsr_from_state_dict(state, pixel_range, path).eval()
 
 
@@ -83,10 +84,7 @@ def convert_official_checkpoint(src: str, dst: str, scale: int) -> None:
     ``effsr`` phase state, no ``hyper_parameters`` — LightningCLI would merge those into the config) plus
     ``smsr_network``: the SMSR arguments it needs, checked against the config's network when it is loaded.
     """
-    loaded = load_untrusted(src)
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{src} is not an official SMSR state_dict (it holds a {type(loaded).__name__}).")
+    state = state_dict_of(read_checkpoint(src, "official SMSR checkpoint"), src, "official SMSR checkpoint")
     network = smsr_from_state_dict(state, 255.0, src)
     if network.scale != scale:
         raise CheckpointError(f"{src} is a ×{network.scale} SMSR checkpoint, but --scale {scale} was given.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from effsr.archs.common import ConvMeanShift
 from effsr.methods.smsr.network import SMSR
 
 
@@ -46,3 +47,20 @@ def plain_macs_720p(network: SMSR) -> int:
     width = network.head[0].out_channels
     mask_branch = 9 * width * quarter + 9 * quarter * quarter / 4 + 9 * quarter * 2
     return int(dense - lr_height * lr_width * len(network.body) * mask_branch)
+
+
+def deployed_params(network: SMSR, with_masks: bool = True) -> int:
+    """Parameters the deployed network stores: every trained weight except the channel-mask logits (the
+    deployed model keeps each layer's dense/sparse split as index lists, not the 2·C·L logits of
+    ``ch_mask``) and the frozen mean shifts; ``with_masks=False`` also leaves out the spatial-mask branches
+    (the network run all-dense never evaluates them)."""
+    fixed = {id(parameter) for module in network.modules() if isinstance(module, ConvMeanShift)
+             for parameter in module.parameters()}
+    total = 0
+    for name, parameter in network.named_parameters():
+        if id(parameter) in fixed or name.endswith(".ch_mask"):
+            continue
+        if not with_masks and ".spa_mask." in name:
+            continue
+        total += parameter.numel()
+    return total

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effsr.errors import CheckpointError
+from effsr.loggers import log_image
 from effsr.methods.smsr.convert import network_init_args
-from effsr.methods.smsr.cost import analytic_macs_720p, plain_macs_720p
-from effsr.models.base import SRModule, log_image
+from effsr.methods.smsr.cost import analytic_macs_720p, deployed_params, plain_macs_720p
+from effsr.models.base import SRModule
 
 
 class SMSRModule(SRModule):
@@ -112,24 +113,21 @@ class SMSRModule(SRModule):
         With ``dense_masks`` both are the plain network's (no mask branches) and ``params`` excludes the masks."""
         if self.dense_masks:
             plain = plain_macs_720p(self.network)
-            params = sum(p.numel() for name, p in self.network.named_parameters()
-                         if ".spa_mask." not in name and not name.endswith("ch_mask")) - 2 * 12
-            return {"params": float(params), "macs_720p": float(plain), "macs_720p_dense": float(plain),
+            return {"params": float(deployed_params(self.network, with_masks=False)), "macs_720p": float(plain),
+                    "macs_720p_dense": float(plain),
                     "spatial_density": 1.0}
         per_module = self._measured_densities or 1.0
         sparse, dense = analytic_macs_720p(self.network, per_module)
         density = sum(per_module) / len(per_module) if self._measured_densities else 1.0
-        params = sum(p.numel() for p in self.network.parameters()) - 2 * 12
         return {
-            "params": float(params),
+            "params": float(deployed_params(self.network)),
             "macs_720p": float(sparse),
             "macs_720p_dense": float(dense),
             "spatial_density": density,
         }
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def on_checkpoint_loaded(self, checkpoint: dict[str, Any]) -> None:
         """Checks a converted official checkpoint's network arguments (pixel range!) against the config's."""
-        super().on_load_checkpoint(checkpoint)
         needed = checkpoint.get("smsr_network")
         if not needed:
             return

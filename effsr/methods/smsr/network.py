@@ -11,26 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effsr.archs.common import ConvMeanShift, check_positive, check_scale
 from effsr.methods.smsr.block import SMB
-
-RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
 
 def gumbel_softmax(logits: Tensor, dim: int, tau: float) -> Tensor:
     """Soft Gumbel-softmax sample (no straight-through), as in the official code."""
     gumbels = -torch.empty_like(logits).exponential_().log()
     return ((logits + gumbels) / tau).softmax(dim)
-
-
-class MeanShift(nn.Conv2d):
-    """Fixed 1x1 conv adding (sign=+1) or subtracting (sign=-1) the DIV2K RGB mean times the pixel range."""
-
-    def __init__(self, pixel_range: float, sign: int) -> None:
-        super().__init__(3, 3, kernel_size=1)
-        self.weight.data.copy_(torch.eye(3).view(3, 3, 1, 1))
-        self.bias.data.copy_(sign * pixel_range * torch.tensor(RGB_MEAN))
-        for parameter in self.parameters():
-            parameter.requires_grad = False
 
 
 class CALayer(nn.Module):
@@ -47,6 +35,7 @@ class CALayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.conv_du(x.mean(dim=(2, 3), keepdim=True))
+
 
 class SMM(nn.Module):
     """Sparse mask module: SMM(x) = CA(SMB(x, spatial_mask(x))) + x."""
@@ -100,12 +89,14 @@ class SMSR(nn.Module):
         tau: float = 1.0,
     ) -> None:
         super().__init__()
-        self.scale = scale
+        check_positive(num_features=num_features, num_modules=num_modules, num_layers=num_layers,
+                       pixel_range=pixel_range, tau=tau)
+        self.scale = check_scale(scale)
         self.pixel_range = pixel_range
         self.tau = tau
         self.sparse_inference = True
-        self.sub_mean = MeanShift(pixel_range, -1)
-        self.add_mean = MeanShift(pixel_range, 1)
+        self.sub_mean = ConvMeanShift(pixel_range, -1)
+        self.add_mean = ConvMeanShift(pixel_range, 1)
         self.head = nn.Sequential(
             nn.Conv2d(3, num_features, 3, padding=1),
             nn.ReLU(inplace=True),
