@@ -34,11 +34,12 @@ module. When such modules are nested, the outermost one wins.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from math import prod
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -53,7 +54,17 @@ __all__ = [
     "lr_size_for_720p",
     "macs_at_720p",
     "macs_per_lr_patch",
+    "meta_macs",
+    "meta_macs_720p",
+    "ReportsMacs",
 ]
+
+@runtime_checkable
+class ReportsMacs(Protocol):
+    """A simulated sparse layer whose MACs are what it reports for its last forward, not what ran inside it."""
+
+    def reported_macs(self) -> int: ...
+
 
 HR_720P: tuple[int, int] = (720, 1280)
 """(height, width) of the 1280×720 HR output the MAC convention refers to."""
@@ -114,8 +125,7 @@ class MacCounter:
         mapping = {op: _conv_flops_at_output for op in _CONV_OPS} if transposed_conv_at_output else {}
         self._counter = FlopCounterMode(display=False, custom_mapping=mapping)
         self._hooked = list(dict.fromkeys(
-            submodule for module in modules for submodule in module.modules()
-            if callable(getattr(submodule, "reported_macs", None))
+            submodule for module in modules for submodule in module.modules() if isinstance(submodule, ReportsMacs)
         ))
         self._handles: list[Any] = []
         self._replaced_flops = 0
@@ -220,6 +230,23 @@ def macs_per_lr_patch(module: nn.Module, scale: int | None = None, patch_size: i
         _resolve_scale(module, scale)
     image = torch.zeros(1, channels, patch_size, patch_size, device=device or _module_device(module))
     return count_macs(module, image, transposed_conv_at_output=transposed_conv_at_output)
+
+
+def meta_macs(module: nn.Module, example: torch.Tensor) -> int:
+    """MACs of ``module(example)`` counted on a meta-device copy (shapes only, no compute), or on the module's
+    own device when a layer cannot run on meta (data-dependent execution)."""
+    try:
+        return count_macs(copy.deepcopy(module).to("meta"), example.to("meta"))
+    except (NotImplementedError, RuntimeError):
+        return count_macs(module, example.to(_module_device(module)))
+
+
+def meta_macs_720p(module: nn.Module, scale: int | None = None) -> int:
+    """:func:`macs_at_720p` on a meta-device copy, or on the module itself when a layer cannot run on meta."""
+    try:
+        return macs_at_720p(copy.deepcopy(module).to("meta"), scale, device="meta")
+    except (NotImplementedError, RuntimeError):
+        return macs_at_720p(module, scale)
 
 
 def format_count(value: float, unit: str = "") -> str:

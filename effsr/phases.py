@@ -25,6 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from effsr.data.sources import check_batch_size
 from effsr.errors import ConfigError
 
 
@@ -150,10 +151,9 @@ class PhaseSchedule(Callback):
                 raise ConfigError(f"phase '{phase.name}': give either steps or until, not both")
         self.phases = [phase if isinstance(phase, Phase) else Phase(**phase) for phase in phases]
         for phase in self.phases:
-            size = phase.settings.get("batch_size")
-            if "batch_size" in phase.settings and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-                raise ConfigError(f"phase '{phase.name}': settings.batch_size must be an integer >= 1 "
-                                  f"(the per-rank training batch size), got {size!r}")
+            if "batch_size" in phase.settings:
+                check_batch_size(phase.settings["batch_size"],
+                                 f"phase '{phase.name}': settings.batch_size (the per-rank training batch size)")
         self.schedules = [s if isinstance(s, ParamSchedule) else ParamSchedule(**s) for s in (schedules or [])]
         self.check_every = check_every
         self.stop_after_last = stop_after_last

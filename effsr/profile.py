@@ -14,9 +14,9 @@ How each number is obtained:
 - ``macs_at_lr_size``: MACs of one forward on the profiled ``lr_size`` input, the random image that is timed
   (relates latency to work).
 - A network whose cost is not that of one forward on a zero image (e.g. routing, where the cost is defined at
-  given class proportions) defines ``profile_costs(scale) -> dict``: its entries (``macs_720p`` and
-  ``macs_per_lr_patch_32`` at least, plus any extra, JSON-serialisable keys) replace the counted ones;
-  ``macs_at_lr_size`` is still counted.
+  given class proportions) defines ``profile_costs(scale) -> dict`` (:class:`OwnProfileCosts`): its entries
+  (``macs_720p`` and ``macs_per_lr_patch_32`` at least, plus any extra, JSON-serialisable keys) replace the
+  counted ones; ``macs_at_lr_size`` is still counted.
 - ``latency_ms_median``: median wall-clock time of ``runs`` forwards (after ``warmup`` untimed ones) on one
   random LR image of ``lr_size``, batch 1, ``torch.inference_mode``; on CUDA each run is synchronised.
   ``device`` and ``torch_threads`` (intra-op threads) are reported with it.
@@ -42,18 +42,25 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from effsr.cost import count_macs, count_params, format_count, macs_at_720p, macs_per_lr_patch
 
-__all__ = ["format_profile_table", "profile_network", "time_runs_ms"]
+__all__ = ["OwnProfileCosts", "format_profile_table", "profile_network", "time_runs_ms"]
 
 _MIB = 1024 * 1024
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
+
+
+@runtime_checkable
+class OwnProfileCosts(Protocol):
+    """A network whose cost is not one forward on a zero image (e.g. routing at given class proportions)."""
+
+    def profile_costs(self, scale: int) -> dict[str, Any]: ...
 
 
 def _profile_input(lr_size: tuple[int, int]) -> Tensor:
@@ -64,10 +71,10 @@ def _profile_input(lr_size: tuple[int, int]) -> Tensor:
 def _count_costs(network: nn.Module, scale: int, lr_size: tuple[int, int]) -> dict[str, Any]:
     """MACs at 720p, per 32×32 LR patch (or the network's ``profile_costs``) and for the profiled input: on a
     meta copy when possible (shapes only), else on the real network (data-dependent layers cannot run on meta)."""
-    own_costs = getattr(network, "profile_costs", None)
+    own_costs = network.profile_costs if isinstance(network, OwnProfileCosts) else None
 
     def count(model: nn.Module, device: torch.device) -> dict[str, Any]:
-        costs: dict[str, Any] = {} if callable(own_costs) else {
+        costs: dict[str, Any] = {} if own_costs is not None else {
             "macs_720p": macs_at_720p(model, scale, device=device),
             "macs_per_lr_patch_32": macs_per_lr_patch(model, scale, 32, device=device)}
         return {**costs, "macs_at_lr_size": count_macs(model, _profile_input(lr_size).to(device))}
@@ -76,7 +83,7 @@ def _count_costs(network: nn.Module, scale: int, lr_size: tuple[int, int]) -> di
         counted = count(copy.deepcopy(network).to("meta"), torch.device("meta"))
     except Exception:  # noqa: BLE001 - any failure on meta falls back to counting the real forward
         counted = count(network, next((p.device for p in network.parameters()), torch.device("cpu")))
-    return {**own_costs(scale), **counted} if callable(own_costs) else counted
+    return {**own_costs(scale), **counted} if own_costs is not None else counted
 
 
 def time_runs_ms(run: Callable[[], object], runs: int, warmup: int, device: torch.device) -> list[float]:

@@ -24,7 +24,14 @@ from effsr.data.datasets import (
     TrainSampler,
     check_eval_images,
 )
-from effsr.data.sources import LRSource, check_scale, predict_paths, resolve_eval_set, resolve_train_sources
+from effsr.data.sources import (
+    LRSource,
+    check_batch_size,
+    check_data_scale,
+    predict_paths,
+    resolve_eval_set,
+    resolve_train_sources,
+)
 from effsr.errors import ConfigError
 
 TrainCrop = Literal["random", "grid"]
@@ -95,7 +102,7 @@ class SRDataModule(L.LightningDataModule):
         skip_small_images: bool = False,
     ) -> None:
         super().__init__()
-        check_scale(scale)
+        check_data_scale(scale)
         if train_crop not in ("random", "grid"):
             raise ConfigError(f"data.train_crop must be 'random' or 'grid', got {train_crop!r}")
         if lr_source not in ("auto", "official", "generated"):
@@ -279,9 +286,7 @@ class SRDataModule(L.LightningDataModule):
         ``num_workers * prefetch_factor``) keep the old size. The epoch length in steps stays that of
         ``data.batch_size``; ``set_batch_size(self.batch_size)`` restores the configured size.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-            raise ConfigError(f"the training batch size must be an integer >= 1, got {batch_size!r}")
-        self._train_batch_size = int(batch_size)
+        self._train_batch_size = check_batch_size(batch_size, "the training batch size")
         if self._train_batch_sampler is not None:
             self._train_batch_sampler.set_batch_size(self._train_batch_size)
 

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, Sampler
 
 from effsr.data.cache import CachedPair
 from effsr.data.io import read_image
+from effsr.data.sources import check_batch_size
 from effsr.errors import ConfigError, DataError
 from effsr.metrics import SSIM_WINDOW
 
@@ -408,9 +409,7 @@ class TrainBatchSampler(Sampler[list[SampleKey]]):
 
     @staticmethod
     def _check(batch_size: int) -> int:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-            raise ConfigError(f"the training batch size must be an integer >= 1, got {batch_size!r}")
-        return int(batch_size)
+        return check_batch_size(batch_size, "the training batch size")
 
     def set_batch_size(self, batch_size: int) -> None:
         """Per-rank batch size of the batches drawn from now on."""

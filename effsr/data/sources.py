@@ -24,6 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from effsr.data.cache import PairSource
 from effsr.data.io import IMAGE_SUFFIXES, list_images
 from effsr.errors import ConfigError, DataError
@@ -42,10 +44,18 @@ _LAYOUTS = {
 }
 
 
-def check_scale(scale: int) -> None:
-    """Raises ConfigError unless ``scale`` is an integer ≥ 2."""
+def check_data_scale(scale: int) -> None:
+    """Raises ConfigError unless ``data.scale`` is an integer ≥ 2 (any such factor can be degraded; which scales a
+    backbone supports is :func:`effsr.archs.common.check_scale`'s rule)."""
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 2:
         raise ConfigError(f"data.scale must be an integer >= 2 (got {scale!r}): use 2, 3 or 4 for the standard sets")
+
+
+def check_batch_size(batch_size: object, what: str) -> int:
+    """``batch_size`` as an int, or a ConfigError naming ``what`` (the option) unless it is an integer ≥ 1."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ConfigError(f"{what} must be an integer >= 1, got {batch_size!r}")
+    return int(batch_size)
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -214,7 +224,7 @@ def resolve_train_sources(
     sub-image indices) of the first entry stay those of that entry alone; names get a ``<entry name>/``
     prefix so equal file names in two folders stay apart. An image listed twice is an error.
     """
-    check_scale(scale)
+    check_data_scale(scale)
     if isinstance(train, str):
         return _train_source(train, data_root, scale, cache_dir, lr_source)[1]
     entries = list(train)
@@ -243,7 +253,7 @@ def resolve_eval_set(
     entry: str, data_root: str | None, scale: int, cache_dir: str | Path, lr_source: LRSource = "auto"
 ) -> tuple[str, list[PairSource]]:
     """(set name, pairs) of an eval entry: sample | div2k_valid | HR folder | HR_DIR:LR_DIR."""
-    check_scale(scale)
+    check_data_scale(scale)
     key = entry.lower()
     if key == "sample":
         from effsr.data.sample import sample_dir

@@ -13,7 +13,6 @@ method cannot forget a ``super()`` call or run its part in the wrong order (``te
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Any, final
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from effsr.cost import count_params, macs_at_720p
+from effsr.cost import count_params, meta_macs_720p
 from effsr.errors import ConfigError, TrainingError
 from effsr.inference.tiling import tiled_forward
 from effsr.loggers import log_image
@@ -163,11 +162,7 @@ class SRModule(EvaluationMixin, L.LightningModule):
         depends on the data (sparse, routed execution) override this with what they measured.
         """
         network = self.deployed_network()
-        try:
-            counted = macs_at_720p(copy.deepcopy(network).to("meta"), self.scale, device="meta")
-        except (NotImplementedError, RuntimeError):
-            counted = macs_at_720p(network, self.scale)
-        return {"params": float(count_params(network)), "macs_720p": float(counted)}
+        return {"params": float(count_params(network)), "macs_720p": float(meta_macs_720p(network, self.scale))}
 
     # ------------------------------------------------------------------ phases
     def enter_phase(self, name: str, settings: dict[str, Any]) -> bool:

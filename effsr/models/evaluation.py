@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, final
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effsr.distributed import all_gather_objects
 from effsr.errors import ConfigError
 from effsr.loggers import log_image
 from effsr.metrics import PSNR, SSIM
@@ -69,11 +69,7 @@ class EvalRecords:
 
         Every rank must call this (a collective under DDP), also a rank that saw no image.
         """
-        records = list(self.records)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts: list[list[ImageRecord] | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, records)
-            records = [record for part in parts for record in (part or [])]
+        records = [record for part in all_gather_objects(list(self.records)) for record in (part or [])]
         grouped: dict[str, list[ImageRecord]] = {name: [] for name in set_names}
         for record in records:
             grouped.setdefault(record.set_name, []).append(record)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effsr.methods.assl.channels import _ConvLeafTracer
-from effsr.methods.assl.weight_norm import _set_submodule, fold_weight_norm
+from effsr.methods.assl.weight_norm import fold_weight_norm
 
 
 class FusedConv2d(nn.Module):
@@ -191,7 +191,7 @@ def deploy_network(network: nn.Module) -> torch.fx.GraphModule:
             conv = plain_conv(source) if is_relu else None
             if conv is not None:
                 fused = FusedConv2d(conv, relu=True)
-                _set_submodule(graph_module, str(source.target), fused)
+                graph_module.set_submodule(str(source.target), fused, strict=True)
                 modules[str(source.target)] = fused
                 replace(node, source)
         for node in list(graph.nodes):
@@ -204,7 +204,7 @@ def deploy_network(network: nn.Module) -> torch.fx.GraphModule:
             if conv is None or not isinstance(other, torch.fx.Node):
                 continue
             fused = FusedConv2d(conv)
-            _set_submodule(graph_module, str(source.target), fused)
+            graph_module.set_submodule(str(source.target), fused, strict=True)
             modules[str(source.target)] = fused
             with graph.inserting_after(node):
                 call = graph.call_module(str(source.target), (source.args[0], other))
@@ -212,7 +212,7 @@ def deploy_network(network: nn.Module) -> torch.fx.GraphModule:
             graph.erase_node(source)
         for name, module in list(graph_module.named_modules()):
             if foldable(name, module):
-                _set_submodule(graph_module, name, FusedConv2d(module))
+                graph_module.set_submodule(name, FusedConv2d(module), strict=True)
     graph.eliminate_dead_code()
     graph.lint()
     graph_module.recompile()

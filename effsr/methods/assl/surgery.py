@@ -11,7 +11,7 @@ from torch import nn
 from effsr.errors import CheckpointError
 from effsr.methods.assl.channels import ChannelStructure
 from effsr.methods.assl.plan import pruned_indices
-from effsr.methods.assl.weight_norm import WNConv2d, _set_submodule, fold_weight_norm
+from effsr.methods.assl.weight_norm import WNConv2d, fold_weight_norm
 
 
 def mask_network(network: nn.Module, structure: ChannelStructure, plan: dict[str, list[int]]) -> None:
@@ -52,7 +52,7 @@ def prune_network(network: nn.Module, structure: ChannelStructure, plan: dict[st
             smaller.weight.copy_(conv.weight[out_index.to(conv.weight.device)][:, in_index.to(conv.weight.device)])
             if conv.bias is not None:
                 smaller.bias.copy_(conv.bias[out_index.to(conv.bias.device)])
-        _set_submodule(compact, name, smaller)
+        compact.set_submodule(name, smaller, strict=True)
     return compact
 
 
@@ -72,8 +72,8 @@ def apply_shapes(network: nn.Module, shapes: dict[str, Sequence[int]]) -> None:
                                   "is model.network the one the checkpoint was trained with?") from error
         if (conv.out_channels, conv.in_channels) == (out_channels, in_channels) and type(conv) is nn.Conv2d:
             continue
-        _set_submodule(network, name, nn.Conv2d(
+        network.set_submodule(name, nn.Conv2d(
             int(in_channels), int(out_channels), conv.kernel_size, stride=conv.stride, padding=conv.padding,
             dilation=conv.dilation, bias=conv.bias is not None, device=conv.weight.device,
-            dtype=conv.weight.dtype))
+            dtype=conv.weight.dtype), strict=True)
 

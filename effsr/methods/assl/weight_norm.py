@@ -56,24 +56,19 @@ class WNConv2d(nn.Conv2d):
         return conv
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
 def convert_to_weight_norm(network: nn.Module, names: Iterable[str]) -> None:
     """Replaces the named ``nn.Conv2d``s of ``network`` in place by :class:`WNConv2d` (output unchanged)."""
     for name in names:
         conv = network.get_submodule(name)
         if not isinstance(conv, WNConv2d):
-            _set_submodule(network, name, WNConv2d.from_conv(conv))
+            network.set_submodule(name, WNConv2d.from_conv(conv), strict=True)
 
 
 def fold_weight_norm(network: nn.Module) -> None:
     """Replaces every :class:`WNConv2d` of ``network`` in place by a plain conv with γ folded in."""
     for name, module in list(network.named_modules()):
         if isinstance(module, WNConv2d):
-            _set_submodule(network, name, module.to_conv())
+            network.set_submodule(name, module.to_conv(), strict=True)
 
 
 def filter_scales(conv: nn.Conv2d) -> Tensor:
