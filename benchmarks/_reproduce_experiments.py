@@ -131,11 +131,13 @@ def nm_record(context: ExtraContext) -> dict[str, Any]:
 
     checkpoint = read_checkpoint(context.checkpoint)
     structure = checkpoint.get("effsr", {}).get("structure", {})
-    hyper = checkpoint.get("hyper_parameters", {})
-    fixed = structure.get("fixed_n", {})
-    return {**record, "m": structure.get("m"), "n_per_layer": fixed, "n_list": list(fixed.values()),
-            "budget": hyper.get("budget"), "mode": hyper.get("mode"),
-            "nm_cost_fraction": context.entry.get("nm_cost_fraction")}
+    fixed, m = structure.get("fixed_n", {}), structure.get("m")
+    dense = {name: int(checkpoint["state_dict"][f"network.{name}.dense_macs"]) for name in fixed}
+    fraction = (sum(dense[name] * n / m for name, n in fixed.items() if n is not None) / max(1, sum(dense.values()))
+                if fixed and None not in fixed.values() else None)
+    return {**record, "m": m, "budget": structure.get("budget"), "mode": structure.get("mode"),
+            "n_per_layer": fixed, "n_list": list(fixed.values()), "nm_cost_fraction": fraction,
+            "dense_macs_720p_per_layer": dense}
 
 
 _EDSR_SMALL = "experiments/small/edsr_small_x2.yaml"
@@ -210,7 +212,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             scale=4,
             summary="SLS N:M (M = 32) on MSRResNet ×4 (32 features, 4 blocks): learned per-layer N vs uniform N:M "
                     "at the same MACs and one-shot magnitude N:M, budgets 25 % and 12.5 % of the N:M layers' "
-                    "MACs, every arm 301 weight updates from one dense start (1000 steps).",
+                    "MACs, every arm 251 weight updates from one dense start (1000 steps).",
             models=_nm_models(),
             claim=("sls_0.25", "uniform_0.25"),
         ),

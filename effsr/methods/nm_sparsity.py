@@ -36,7 +36,7 @@ from effsr.errors import CheckpointError, ConfigError
 from effsr.inference.tiling import routed_forward
 from effsr.models.base import SRModule, _default_optimizer
 
-Mode = Literal["search", "oneshot", "srste"]
+Mode = Literal["search", "oneshot", "uniform", "srste"]
 CostUnit = Literal["fraction", "patch_macs"]
 AnnealRule = Literal["fraction", "ratio"]
 ScoreClamp = Literal["forward", "inplace"]
@@ -359,8 +359,9 @@ class NMSparsityModule(SRModule):
     Args:
         m: group size M (4, 8, 16, 32; the paper uses 32).
         budget: target cost of the N:M layers as a fraction of their dense MACs (0.25 ≈ 8:32 on average).
-        mode: ``search`` (SLS), ``oneshot`` (magnitude pattern, uniform ``uniform_n``, fixed) or ``srste``
-            (uniform ``uniform_n``, re-ranked every ``rerank_interval`` steps, dense STE gradient + decay).
+        mode: ``search`` (SLS), ``oneshot`` (magnitude pattern, uniform ``uniform_n``, fixed), ``uniform``
+            (uniform ``uniform_n``, magnitude pattern re-ranked every ``rerank_interval`` steps: SLS with N fixed
+            to the same value in every layer) or ``srste`` (like ``uniform``, plus dense STE gradient + decay).
         uniform_n: N of every layer for the baselines (default: round(budget·M)).
         cost_weight: λ of the cost term, in the unit ``cost_unit`` says.
         cost_unit: ``fraction`` (effsr: λ·c·Σ(N/M)·dense / Σ dense, independent of network and patch size) or
@@ -575,7 +576,8 @@ class NMSparsityModule(SRModule):
         self.logger.experiment.log({"nm/pattern": chart, "trainer/global_step": self.global_step})
 
     def structure_state(self) -> dict[str, Any]:
-        return {"m": self.m, "fixed_n": {name: layer.fixed_n for name, layer in self.layers().items()},
+        return {"m": self.m, "budget": self.budget, "mode": self.mode,  # budget/mode: for readers, not restored
+                "fixed_n": {name: layer.fixed_n for name, layer in self.layers().items()},
                 "anneal_c": self.anneal_c, "anneal_reference": self._anneal_reference,
                 "anneal_step": self._anneal_step, "ratio_records": list(self._ratio_records),
                 "nm_step": self.nm_step}
