@@ -11,10 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from effsr.checkpointing import EpochEndCheckpoint, use_atomic_checkpoints
@@ -27,7 +25,7 @@ from effsr.cli_support import (
     resolve_config_args,
 )
 from effsr.errors import ConfigError, EffSRError
-from effsr.loggers import ensure_wandb_mode, finish_wandb_runs, prepare_wandb_logger
+from effsr.loggers import ensure_wandb_mode, finish_wandb_runs, log_config, prepare_loggers
 from effsr.phases import PhaseProgressBar
 
 PACKAGE_CONFIGS = PACKAGED_CONFIGS
@@ -68,12 +66,7 @@ class EffSRSaveConfig(SaveConfigCallback):
     attaches it to the logger's run (W&B: the run's config and a ``config.yaml`` file)."""
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        config_text = self.parser.dump(self.config, skip_none=False)
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"effsr_config": yaml.safe_load(config_text)})
-            if isinstance(logger, WandbLogger):
-                run_dir = Path(logger.experiment.dir)
-                (run_dir / "effsr_config.yaml").write_text(config_text)
+        log_config(trainer.loggers, self.parser.dump(self.config, skip_none=False))
 
 
 # ---------------------------------------------------------------------------- LightningCLI
@@ -140,9 +133,7 @@ class EffSRCLI(LightningCLI):
         """The trainer, with atomic checkpoint writes (whatever the plugins) and W&B loggers readied."""
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                prepare_wandb_logger(logger)
+        prepare_loggers(trainer.loggers)
         return trainer
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -172,7 +163,7 @@ class EffSRCLI(LightningCLI):
         if any("Wandb" in str(getattr(item, "class_path", item)) for item in loggers if item):
             ensure_wandb_mode()
 
-    def _check_scale(self) -> None:
+    def _check_scales_match(self) -> None:
         model_scale = getattr(self.model, "scale", None)
         data_scale = getattr(self.datamodule, "scale", None)
         if model_scale is not None and data_scale is not None and int(model_scale) != int(data_scale):

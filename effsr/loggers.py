@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+import yaml
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from torch import Tensor
 
@@ -27,8 +28,10 @@ __all__ = [
     "finish_wandb_runs",
     "log_bar_chart",
     "log_histograms",
+    "log_config",
     "log_image",
     "log_wandb_table_run",
+    "prepare_loggers",
     "prepare_wandb_logger",
 ]
 
@@ -86,6 +89,13 @@ def prepare_wandb_logger(logger: WandbLogger) -> None:
         Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
 
 
+def prepare_loggers(loggers: Iterable[Logger]) -> None:
+    """Readies the trainer's loggers before their runs start (W&B: :func:`prepare_wandb_logger`)."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            prepare_wandb_logger(logger)
+
+
 def finish_wandb_runs() -> None:
     """Closes the W&B run a command opened, so its summary is written and the next command starts a new run."""
     import wandb
@@ -95,6 +105,15 @@ def finish_wandb_runs() -> None:
 
 
 # ---------------------------------------------------------------------------- logging through Lightning loggers
+def log_config(loggers: Iterable[Logger], config_text: str) -> None:
+    """Attaches the resolved config (YAML text) to every logger's run as ``effsr_config``; W&B also gets it as
+    the file ``effsr_config.yaml`` of the run."""
+    for logger in loggers:
+        logger.log_hyperparams({"effsr_config": yaml.safe_load(config_text)})
+        if isinstance(logger, WandbLogger):
+            (Path(logger.experiment.dir) / "effsr_config.yaml").write_text(config_text)
+
+
 def log_image(logger: Any, key: str, image: np.ndarray, caption: str, step: int) -> None:
     """Logs an HxWx3 uint8 image to W&B or TensorBoard; other loggers are ignored."""
     if isinstance(logger, WandbLogger):

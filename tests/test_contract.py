@@ -236,3 +236,18 @@ def test_hooks_in_a_fit_and_a_resume_inside_a_phase(tmp_path: Path) -> None:
     assert names.index("on_checkpoint_loaded") < names.index("on_phase_resumed") < names.index("on_fit_begin")
     assert "on_phase_start" not in names
     assert [call[1] for call in resumed.calls if call[0] == "after_optimizer_step"] == [4]
+
+
+# ---------------------------------------------------------------------------- one module per concern
+# files still importing wandb themselves until their owners switch to effsr.loggers (issue 13 §2)
+KNOWN_WANDB_IMPORTS = {"effsr/methods/nm_sparsity.py"}
+
+
+def test_only_effsr_loggers_imports_wandb() -> None:
+    """W&B-specific code lives in effsr/loggers.py; everything else describes what to log through it."""
+    package = Path(effsr.methods.__file__).parents[1]
+    importing = {
+        str(path.relative_to(package.parent)) for path in package.rglob("*.py")
+        if any(line.strip().startswith(("import wandb", "from wandb")) for line in path.read_text().splitlines())
+    }
+    assert importing - KNOWN_WANDB_IMPORTS == {"effsr/loggers.py"}
