@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+#: Training-mode layer rules of :meth:`SMB.forward_masked`.
+LAYER_RULES: tuple[str, ...] = ("fixed", "pre_fix")
 
 def _gemm_weight(weight: Tensor) -> Tensor:
     """(Cout, Cin, 3, 3) → (Cout, 9·Cin, 1, 1): a 1x1 kernel over pixel-major gathered rows ordered (ky, kx, cin)."""
@@ -46,8 +48,16 @@ class SMB(nn.Module):
         """(channels, n_layers) bool: True where the output channel is sparse."""
         return self.ch_mask[0, :, :, 1] > self.ch_mask[0, :, :, 0]
 
-    def forward_masked(self, x: Tensor, spatial: Tensor, channel: Tensor) -> Tensor:
-        """Training-rule forward. ``spatial`` (N,1,H,W); ``channel`` (1,C,L,2) with [dense, sparse] weights."""
+    def forward_masked(self, x: Tensor, spatial: Tensor, channel: Tensor, layer_rule: str = "fixed") -> Tensor:
+        """Training-rule forward. ``spatial`` (N,1,H,W); ``channel`` (1,C,L,2) with [dense, sparse] weights.
+
+        ``layer_rule``: which channel masks split layer i's input (i > 0): ``"fixed"`` the previous layer's
+        d_{i−1}/s_{i−1} (what the sparse path executes), ``"pre_fix"`` layer i's own d_i/s_i (the first
+        official code, with which the released checkpoint was trained; docs/methods/smsr.md).
+        """
+        if layer_rule not in LAYER_RULES:
+            raise ValueError(f"layer_rule must be one of {LAYER_RULES}, got {layer_rule!r}")
+        lag = 1 if layer_rule == "fixed" else 0
         outputs = []
         feature = x
         for index, conv in enumerate(self.body):
@@ -56,8 +66,8 @@ class SMB(nn.Module):
                 feature = conv(feature)
                 feature = feature * sparse * spatial + feature * dense
             else:
-                previous_dense = channel[:, :, index - 1 : index, :1]
-                previous_sparse = channel[:, :, index - 1 : index, 1:]
+                previous_dense = channel[:, :, index - lag : index - lag + 1, :1]
+                previous_sparse = channel[:, :, index - lag : index - lag + 1, 1:]
                 from_dense = conv(feature * previous_dense)
                 from_sparse = conv(feature * previous_sparse)
                 feature = (

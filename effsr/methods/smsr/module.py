@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effsr.errors import CheckpointError
+from effsr.errors import CheckpointError, ConfigError
 from effsr.loggers import log_image
+from effsr.methods.smsr.block import LAYER_RULES
 from effsr.methods.smsr.convert import network_init_args
 from effsr.methods.smsr.cost import analytic_macs_720p, deployed_params, plain_macs_720p
 from effsr.models.base import SRModule
@@ -23,6 +24,10 @@ class SMSRModule(SRModule):
         sparsity_weight: λ after warm-up (paper 0.1).
         sparsity_warmup_steps: optimizer steps of the linear warm-up of λ (paper: 50 "epochs" of 1000 iterations).
         constant_tau: if set, τ stays at this value (official code behaviour: 1.0) and the schedule is ignored.
+        layer_rule: the training-mode layer rule (:meth:`SMB.forward_masked`): ``"fixed"`` (default, the
+            upstream fix: layer i's input split by layer i−1's masks, as the sparse path executes it) or
+            ``"pre_fix"`` (layer i's own masks: the first official code, used to train the released weights).
+            Evaluation always runs the sparse path.
         dense_masks: train and evaluate the same network with every mask fixed all-dense and no sparsity loss
             (the dense baseline: every channel at every position; the mask branches never run and are not
             counted in its cost).
@@ -36,10 +41,14 @@ class SMSRModule(SRModule):
         sparsity_weight: float = 0.1,
         sparsity_warmup_steps: int = 50_000,
         constant_tau: float | None = None,
+        layer_rule: Literal["fixed", "pre_fix"] = "fixed",
         dense_masks: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(network, *args, **kwargs)
+        if layer_rule not in LAYER_RULES:
+            raise ConfigError(f"model.init_args.layer_rule must be one of {', '.join(LAYER_RULES)}; got {layer_rule!r}")
+        self.layer_rule = layer_rule
         self.sparsity_weight = sparsity_weight
         self.sparsity_warmup_steps = sparsity_warmup_steps
         self.constant_tau = constant_tau
@@ -57,7 +66,7 @@ class SMSRModule(SRModule):
         if self.dense_masks:
             l1 = F.l1_loss(self.network.forward_dense(lr), hr)
             return l1, {"l1": l1.detach()}
-        sr, sparsity = self.network.forward_train(lr)
+        sr, sparsity = self.network.forward_train(lr, self.layer_rule)
         l1 = F.l1_loss(sr, hr)
         weight = self.sparsity_lambda()
         logs = {

@@ -114,8 +114,9 @@ class SMSR(nn.Module):
         self._last_macs: int | None = None
         self.forced_spatial: list[Tensor] | None = None
 
-    def _run(self, x: Tensor, mode: str) -> Tensor:
-        """Shared skeleton; ``mode`` in {"soft", "hard", "dense", "sparse"}."""
+    def _run(self, x: Tensor, mode: str, layer_rule: str = "fixed") -> Tensor:
+        """Shared skeleton; ``mode`` in {"soft", "hard", "dense", "sparse"}; ``layer_rule``: see
+        :meth:`SMB.forward_masked` (soft and hard modes)."""
         x = self.sub_mean(x)
         head = self.head(x.contiguous(memory_format=torch.channels_last) if mode == "sparse" else x)
         feature = head
@@ -142,7 +143,7 @@ class SMSR(nn.Module):
                 body = module.body.forward_sparse(feature, spatial)
                 macs += module.body.last_macs
             else:
-                body = module.body.forward_masked(feature, spatial, channel)
+                body = module.body.forward_masked(feature, spatial, channel, layer_rule)
             spatial_mean = spatial.mean()
             self.last_spatial.append(spatial.detach())
             self.last_densities.append(
@@ -163,14 +164,14 @@ class SMSR(nn.Module):
             return self._run(x, "soft")
         return self._run(x, "sparse" if self.sparse_inference else "hard")
 
-    def forward_train(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_train(self, x: Tensor, layer_rule: str = "fixed") -> tuple[Tensor, Tensor]:
         """Soft-mask forward: SR and the sparsity term (mean over SMMs and layers of computed fraction)."""
-        sr = self._run(x, "soft")
+        sr = self._run(x, "soft", layer_rule)
         return sr, torch.stack([d for module in self.last_densities for d in module]).mean()
 
-    def forward_hard(self, x: Tensor) -> Tensor:
-        """Training-rule forward with hard masks (the reference the sparse path must equal)."""
-        return self._run(x, "hard")
+    def forward_hard(self, x: Tensor, layer_rule: str = "fixed") -> Tensor:
+        """Training-rule forward with hard masks (with the fixed rule: the reference the sparse path equals)."""
+        return self._run(x, "hard", layer_rule)
 
     def forward_dense(self, x: Tensor) -> Tensor:
         """The same network run densely (every channel at every position, one plain conv per layer)."""
