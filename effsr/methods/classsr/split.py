@@ -1,0 +1,237 @@
+"""ClassSR's split of the training sub-images into classes by the PSNR a model reaches on them."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from effsr.errors import ConfigError
+from effsr.methods.classsr.checkpoints import load_split_model
+from effsr.metrics import psnr as psnr_fn
+from effsr.models.base import log_image
+
+SPLIT_VERSION = 1
+
+
+def split_by_score(scores: np.ndarray, num_classes: int) -> tuple[np.ndarray, list[float]]:
+    """Equal-size classes by descending score (class 0 = highest PSNR = simplest) and the K-1 thresholds.
+
+    Ties are broken by index, so class sizes differ by at most one; threshold k is the midpoint between the
+    last score of class k and the first of class k + 1 (descending, e.g. ``[35.15, 27.17]`` for K = 3).
+    """
+    count = len(scores)
+    if count < num_classes:
+        raise ConfigError(f"the split needs at least {num_classes} training sub-images, got {count}")
+    order = np.lexsort((np.arange(count), -np.asarray(scores, dtype=np.float64)))
+    labels = np.empty(count, dtype=np.uint8)
+    labels[order] = (np.arange(count) * num_classes // count).astype(np.uint8)
+    thresholds = []
+    for k in range(1, num_classes):
+        boundary = -(-k * count // num_classes)
+        low, high = float(scores[order[boundary]]), float(scores[order[boundary - 1]])
+        thresholds.append((low + high) / 2 if math.isfinite(high) else low)
+    return labels, thresholds
+
+
+def split_by_thresholds(scores: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """Classes by fixed PSNR thresholds (the official ``divide_sub_images_train.py``): class k = number of
+    thresholds above the score, so ``score >= t_0`` is class 0 (simplest) and ``score < t_last`` the hardest."""
+    ordered = np.sort(np.asarray(thresholds, dtype=np.float64))[::-1]
+    values = np.asarray(scores, dtype=np.float64)
+    return (values[:, None] < ordered[None, :]).sum(axis=1).astype(np.uint8)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _broadcast_object(value: Any) -> Any:
+    if not _distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _all_gather_object(value: Any) -> list[Any]:
+    if not _distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _histogram_image(scores: np.ndarray, thresholds: list[float], title: str) -> np.ndarray:
+    """HxWx3 uint8 rendering of the patch-PSNR histogram with the class thresholds."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    finite = scores[np.isfinite(scores)]
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    axis.hist(finite, bins=min(100, max(10, len(finite) // 20)), color="#4a6fa5")
+    for threshold in thresholds:
+        axis.axvline(threshold, color="#c0392b", linestyle="--")
+        axis.text(threshold, axis.get_ylim()[1] * 0.95, f" {threshold:.2f} dB", color="#c0392b",
+                  rotation=90, va="top", ha="left", fontsize=8)
+    axis.set_xlabel("reference PSNR of the sub-image (dB)")
+    axis.set_ylabel("sub-images")
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    buffer.seek(0)
+    from PIL import Image
+
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+class SplitMixin:
+    """ClassSRModule's split: scoring every training sub-image (sharded over DDP ranks), the on-disk cache keyed
+    by data and scoring weights, the cut into classes, its logs and histogram."""
+
+    def _split_folder(self, datamodule: Any) -> Path:
+        if self.split_cache_dir:
+            return Path(self.split_cache_dir).expanduser()
+        return Path(getattr(datamodule, "cache_dir", None) or tempfile.gettempdir()) / "classsr_splits"
+
+    def split_cache_key(self, datamodule: Any, scorer: nn.Module | None = None) -> str:
+        """Hash of the sub-image table, the cached arrays it reads, the scoring weights and the protocol."""
+        dataset = datamodule.train_dataset
+        digest = hashlib.sha256()
+        pairs = dataset.store.pairs
+        header = [SPLIT_VERSION, self.num_classes, self.split_metric, int(datamodule.scale), int(dataset.lr_size),
+                  [pair.hr_file.name for pair in pairs], [pair.lr_file.name for pair in pairs]]
+        digest.update(json.dumps(header).encode())
+        digest.update(np.ascontiguousarray(dataset.table).tobytes())
+        scorer = self.network.branches[-1] if scorer is None else scorer
+        for key, value in sorted(scorer.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:24]
+
+    @torch.no_grad()
+    def score_subimages(self, datamodule: Any, scorer: nn.Module | None = None) -> np.ndarray:
+        """PSNR of every training sub-image through ``scorer`` (default the reference, i.e. the wide branch);
+        each DDP rank scores a shard, then all gather."""
+        reference = self.network.branches[-1] if scorer is None else scorer
+        was_training = reference.training
+        reference.eval()
+        crop = self.scale
+        indices: list[np.ndarray] = []
+        scores: list[np.ndarray] = []
+        loader = datamodule.subimage_dataloader(batch_size=self.split_batch_size, split_across_ranks=True)
+        device = next(self.network.parameters()).device
+        reference.to(device)
+        if _rank() == 0:
+            rank_zero_info(f"[effsr] ClassSR split: scoring {datamodule.num_subimages} sub-images "
+                           f"({len(loader)} batches of {self.split_batch_size} per rank)")
+        try:
+            for batch_index, batch in enumerate(loader):
+                lr = batch["lr"].to(device).float().div_(255.0)
+                hr = batch["hr"].to(device).float().div_(255.0)
+                sr = reference(lr * self.pixel_range) / self.pixel_range
+                values = psnr_fn(sr, hr, crop_border=crop, y_channel=self.split_metric == "y")
+                indices.append(batch["index"].numpy())
+                scores.append(values.cpu().numpy())
+                if (batch_index + 1) % 200 == 0 and _rank() == 0:
+                    rank_zero_info(f"[effsr] ClassSR split: {batch_index + 1}/{len(loader)} batches scored on rank 0")
+        finally:
+            reference.train(was_training)
+        local = (np.concatenate(indices) if indices else np.zeros(0, np.int64),
+                 np.concatenate(scores) if scores else np.zeros(0, np.float64))
+        total = datamodule.num_subimages
+        full = np.full(total, np.nan, dtype=np.float64)
+        for part_indices, part_scores in _all_gather_object(local):
+            full[part_indices] = part_scores
+        if np.isnan(full).any():
+            raise ConfigError("ClassSR split: some sub-images were not scored (sampler/rank mismatch)")
+        return full
+
+    def compute_split(self, datamodule: Any) -> dict[str, Any]:
+        """Scores (or loads the cached scores of) every training sub-image, splits them into K classes, logs.
+
+        Returns the split summary (thresholds, class sizes, whether the cache was used, cache path).
+        """
+        from effsr.data.datasets import SubImageDataset
+
+        if getattr(datamodule, "train_dataset", None) is None:
+            datamodule.setup("fit")
+        if not isinstance(datamodule.train_dataset, SubImageDataset):
+            raise ConfigError("ClassSR's split scores fixed sub-images: set data.train_crop: grid")
+        scorer = load_split_model(self.split_model, self.scale) if self.split_model else None
+        key = self.split_cache_key(datamodule, scorer)
+        path = self._split_folder(datamodule) / f"split-{key}.npz"
+        scores = None
+        if _rank() == 0 and path.is_file():
+            with np.load(path) as stored:
+                if len(stored["scores"]) == datamodule.num_subimages:
+                    scores = stored["scores"]
+        scores = _broadcast_object(scores)
+        cached = scores is not None
+        if scores is None:
+            scores = self.score_subimages(datamodule, scorer)
+            if _rank() == 0:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle, temporary = tempfile.mkstemp(prefix=".split-", suffix=".npz", dir=path.parent)
+                with os.fdopen(handle, "wb") as stream:
+                    np.savez(stream, scores=scores)
+                os.replace(temporary, path)
+        if self.fixed_thresholds is None:
+            labels, thresholds = split_by_score(scores, self.num_classes)
+        else:
+            labels, thresholds = split_by_thresholds(scores, self.fixed_thresholds), list(self.fixed_thresholds)
+        self.split_labels = torch.from_numpy(labels)
+        self.split_thresholds = thresholds
+        self.split_key = key
+        finite = scores[np.isfinite(scores)]
+        self.split_info = {
+            "thresholds": thresholds, "class_sizes": np.bincount(labels, minlength=self.num_classes).tolist(),
+            "cached": cached, "path": str(path), "num_subimages": int(len(scores)),
+            "psnr_mean": float(finite.mean()) if len(finite) else math.nan,
+            "scored_by": self.split_model or "reference (wide branch)",
+            "thresholds_from": "split_thresholds option" if self.fixed_thresholds else "equal classes",
+        }
+        rank_zero_info(f"[effsr] ClassSR split ({'cached' if cached else 'computed'}, {path}): "
+                       f"{len(scores)} sub-images, thresholds {', '.join(f'{t:.3f}' for t in thresholds)} dB, "
+                       f"class sizes {self.split_info['class_sizes']}")
+        self._log_split(scores, thresholds)
+        return self.split_info
+
+    def _log_split(self, scores: np.ndarray, thresholds: list[float]) -> None:
+        if self._trainer is None or _rank() != 0:
+            return
+        metrics = {f"split/threshold_{k}": value for k, value in enumerate(thresholds)}
+        metrics.update({"split/cached": float(self.split_info["cached"]), "split/num_subimages": float(len(scores)),
+                        "split/psnr_mean": self.split_info["psnr_mean"]})
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+        title = (f"reference PSNR of {len(scores)} sub-images; thresholds "
+                 + ", ".join(f"{t:.2f}" for t in thresholds) + " dB")
+        image = _histogram_image(scores, thresholds, title)
+        root = Path(self.trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        from PIL import Image
+
+        Image.fromarray(image).save(root / "classsr_split_histogram.png")
+        for logger in self.loggers:
+            log_image(logger, "classsr/split_psnr_histogram", image, caption=title, step=self.global_step)
