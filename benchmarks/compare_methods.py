@@ -3,16 +3,15 @@
     python benchmarks/compare_methods.py [--train DIR ...] [--test DIR ...] [--work-dir W ...]
                                          [--smsr_release CKPT] [--docs docs/comparison.md] [--no-docs]
 
-Nothing is trained here. For every reproduction of ``benchmarks/_reproduce_experiments.py`` (except the harness
+Nothing is trained here. For every reproduction of ``benchmarks/_reproduce_experiments.py`` (not the harness
 self-test) the final checkpoint of each declared method and baseline (``--variants``: also the variants) is
-looked up in the harness's cache
-(``W/runs/<model>/seed0-<key>/stage<i>/finished.json``, the key computed by ``benchmarks/reproduce.py`` from
-the stage configs, the seed and the training data; seed 0 only). ``--train`` defaults to the training data the
-experiment's own ``W/EXPERIMENT.json`` records. A model whose run is missing is left out and the
-``reproduce.py`` command that makes it is printed. The found models of one scale (each reproduction runs at the
-scale it was declared at), bicubic and, at ×2, the converted SMSR release (``--smsr_release``, evaluated with
-``experiments/smsr_x2.yaml``) go through one ``effsr compare`` run per scale on the same ``--test`` sets, so the
-CPU latencies of a scale come from one process on one machine state.
+looked up in the harness's cache, ``W/runs/<model>/seed0-<key>/stage<i>/finished.json`` (seed 0 only; the key
+computed by ``benchmarks/reproduce.py`` from the stage configs, the seed and the training data), trying the
+training data ``--train``, then what the experiment's ``W/EXPERIMENT.json`` records, then ``sample``. A model
+whose run is missing is left out and the ``reproduce.py`` command that makes it is printed. The models found
+at one scale (each reproduction runs at the scale it was declared at), bicubic and, at ×2, the converted SMSR
+release (``--smsr_release``, evaluated with ``experiments/smsr_x2.yaml``) go through one ``effsr compare`` run
+per scale on the same ``--test`` sets, so the CPU latencies of a scale come from one process.
 
 Writes ``W/compare_methods/x<scale>/`` (compare.json, per-model test_results.json), ``W/compare_methods.json``,
 one W&B run (offline without credentials; ``--no-wandb`` to skip) with the table and PSNR-Y vs GMACs / vs CPU ms
@@ -66,15 +65,16 @@ def work_dirs(args: argparse.Namespace) -> list[Path]:
     return [Path(folder).resolve() for folder in args.work_dir]
 
 
-def experiment_train(experiment: Experiment, args: argparse.Namespace) -> list[str]:
-    """``--train`` or what the experiment's ``W/EXPERIMENT.json`` recorded (first work dir that has one)."""
-    if args.train:
-        return list(args.train)
+def experiment_trains(experiment: Experiment, args: argparse.Namespace) -> list[list[str]]:
+    """The training data to look the experiment's runs up with, in order: ``--train``, what its
+    ``W/EXPERIMENT.json`` recorded (each work dir), and the harness default ``sample``."""
+    candidates = [list(args.train)] if args.train else []
     for work in work_dirs(args):
         record = work / f"{experiment.name}.json"
         if record.is_file():
-            return list(json.loads(record.read_text())["train"])
-    return ["sample"]
+            candidates.append(list(json.loads(record.read_text())["train"]))
+    candidates.append(["sample"])
+    return [train for index, train in enumerate(candidates) if train not in candidates[:index]]
 
 
 def cached_checkpoint(decl: ModelDecl, train: list[str], works: list[Path]) -> tuple[Path | None, str | None]:
@@ -106,14 +106,15 @@ def find_models(args: argparse.Namespace) -> tuple[dict[int, list[Row]], list[st
     missing: list[str] = []
     notes: list[str] = []
     for experiment in (item for item in EXPERIMENTS.values() if not item.test_only):
-        train = experiment_train(experiment, args)
+        trains = experiment_trains(experiment, args)
         found: dict[str, Path] = {}
         for decl in (decl for decl in experiment.models if decl.stages):
-            checkpoint, note = cached_checkpoint(decl, train, work_dirs(args))
-            if checkpoint is not None:
-                found[decl.name] = checkpoint
-            if note:
-                notes.append(f"{experiment.name}: {note}")
+            for train in trains:
+                checkpoint, note = cached_checkpoint(decl, train, work_dirs(args))
+                if checkpoint is not None:
+                    found[decl.name] = checkpoint
+                    notes += [f"{experiment.name}: {note}"] if note else []
+                    break
         rows = by_scale.setdefault(experiment.scale, [])
         absent = []
         for decl in (decl for decl in experiment.models if decl.role != "variant" or args.variants):
@@ -135,8 +136,10 @@ def find_models(args: argparse.Namespace) -> tuple[dict[int, list[Row]], list[st
                 rows.append({"name": name, "experiment": "–" if name == "bicubic" else experiment.name,
                              "role": decl.role, "argument": argument})
         if absent:
-            command = shlex.join(["python", "benchmarks/reproduce.py", experiment.name, "--train", *train,
-                                  "--work-dir", str(work_dirs(args)[0])])
+            started = [work for work in work_dirs(args)
+                       if any((work / "runs" / decl.name).is_dir() for decl in experiment.models)]
+            command = shlex.join(["python", "benchmarks/reproduce.py", experiment.name, "--train", *trains[0],
+                                  "--work-dir", str((started or work_dirs(args))[0])])
             missing.append(f"{experiment.name}: no cached run of {', '.join(absent)} (make it: `{command}`)")
     if args.smsr_release:
         by_scale.setdefault(2, []).append({"name": "smsr_release", "experiment": "SMSR release", "role": "release",
@@ -362,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="benchmarks/compare_methods.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", nargs="+", default=None,
-                        help="training data of the cached runs (default: what each W/EXPERIMENT.json records)")
+                        help="training data of the cached runs (tried first; then what each W/EXPERIMENT.json records, "
+                             "then `sample`)")
     parser.add_argument("--test", nargs="+", default=["sample"], help="test HR folders (set name = folder name)")
     parser.add_argument("--work-dir", dest="work_dir", nargs="+", default=["runs/reproduce"],
                         help="harness work dirs to look in (first: where outputs go)")
