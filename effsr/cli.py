@@ -173,20 +173,20 @@ class EffSRCLI(LightningCLI):
             )
 
     def before_fit(self) -> None:
-        self._check_scale()
+        self._check_scales_match()
 
     def before_validate(self) -> None:
-        self._check_scale()
+        self._check_scales_match()
         self.config_init["validate"]["verbose"] = False  # SRModule prints one table per evaluation
 
     def before_test(self) -> None:
-        self._check_scale()
+        self._check_scales_match()
         self.config_init["test"]["verbose"] = False  # SRModule prints one table per evaluation
 
     def before_predict(self) -> None:
         from effsr.inference.writer import SRImageWriter
 
-        self._check_scale()
+        self._check_scales_match()
         config = self.config.get("predict", self.config)
         output_dir = config.get("output_dir") or os.path.join(self.trainer.default_root_dir, "predictions")
         if not any(isinstance(callback, SRImageWriter) for callback in self.trainer.callbacks):
@@ -229,6 +229,8 @@ def load_module_from_config(config_args: list[str], ckpt_path: str | None) -> An
         checkpoint = read_checkpoint(ckpt_path, "--ckpt_path")
         model.on_load_checkpoint(checkpoint)
         model.load_state_dict(state_dict_of(checkpoint, ckpt_path, "--ckpt_path"))
+    else:  # the weights the config starts from (a checkpoint holds everything, its start files are not needed)
+        model.on_setup("profile")
     return model.eval()
 
 

@@ -121,6 +121,9 @@ class Recorder(SRModule):
         return [{"params": list(self.network.conv.parameters()), "name": "conv"},
                 {"params": list(self.network.extra.parameters()), "name": "extra"}]
 
+    def on_setup(self, stage: str) -> None:
+        self.calls.append(("on_setup", stage, self.global_step))
+
     def on_eval_start(self, stage: str) -> None:
         self.calls.append(("on_eval_start", stage, len(self._eval_records), self._trainer is not None
                            and self.trainer.sanity_checking))
@@ -214,6 +217,7 @@ def test_hooks_in_a_fit_and_a_resume_inside_a_phase(tmp_path: Path) -> None:
     assert isinstance(first, PhaseDriven)
     _fit(first, tmp_path, max_steps=3)
     first.calls = _lifecycle(first.calls)
+    assert first.calls.pop(0) == ("on_setup", "fit", 0)
     names = _names(first.calls)
     assert first.calls[0] == ("on_eval_start", "val", 0, True)  # the sanity check: start, but no on_eval_end
     # the PhaseSchedule advances at the end of step 2 before after_optimizer_step of that step
@@ -231,11 +235,33 @@ def test_hooks_in_a_fit_and_a_resume_inside_a_phase(tmp_path: Path) -> None:
     _fit(resumed, tmp_path, max_steps=4, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
     resumed.calls = _lifecycle(resumed.calls)
     names = _names(resumed.calls)
+    assert names.index("on_setup") < names.index("on_checkpoint_loaded")  # start weights, then the checkpoint
     assert resumed.calls[names.index("on_checkpoint_loaded")] == ("on_checkpoint_loaded", "second", {"marker": 7})
     assert resumed.calls[names.index("on_phase_resumed")] == ("on_phase_resumed", "second", {})
     assert names.index("on_checkpoint_loaded") < names.index("on_phase_resumed") < names.index("on_fit_begin")
     assert "on_phase_start" not in names
     assert [call[1] for call in resumed.calls if call[0] == "after_optimizer_step"] == [4]
+    resumed.setup("test")  # a later run of the same module does not reload its start weights
+    assert names.count("on_setup") == 1 and _names(resumed.calls).count("on_setup") == 1
+
+
+def test_assl_instantiates_without_its_dense_checkpoint_and_loads_it_at_setup(tmp_path: Path) -> None:
+    """No I/O in __init__: the config builds without the file; on_setup loads it (safe loader), once."""
+    from effsr.archs import LEDSR
+    from effsr.errors import CheckpointError
+    from effsr.methods.assl import ASSLModule
+
+    missing = ASSLModule(LEDSR(2, num_features=8, num_blocks=1), dense_checkpoint=str(tmp_path / "dense.ckpt"))
+    with pytest.raises(CheckpointError, match=r"dense_checkpoint '.*dense.ckpt' does not exist"):
+        missing.setup("fit")
+    torch.manual_seed(1)
+    source = LEDSR(2, num_features=8, num_blocks=1)
+    torch.save({"state_dict": {f"network.{key}": value for key, value in source.state_dict().items()}},
+               tmp_path / "dense.ckpt")
+    module = ASSLModule(LEDSR(2, num_features=8, num_blocks=1), dense_checkpoint=str(tmp_path / "dense.ckpt"))
+    assert not torch.equal(module.network.head.weight, source.head.weight)
+    module.setup("fit")
+    assert all(torch.equal(value, source.state_dict()[key]) for key, value in module.network.state_dict().items())
 
 
 # ---------------------------------------------------------------------------- one module per concern

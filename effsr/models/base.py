@@ -80,6 +80,7 @@ class SRModule(EvaluationMixin, L.LightningModule):
         self.phase_settings: dict[str, Any] = {}
         self.schedule_values: dict[str, float] = {}
         self._cost_cache: dict[str, float] | None = None
+        self._set_up = False
         self._init_evaluation()
 
     # ------------------------------------------------------------------ properties
@@ -125,6 +126,12 @@ class SRModule(EvaluationMixin, L.LightningModule):
 
     def rebuild_structure(self, state: dict[str, Any]) -> None:
         """Re-applies :meth:`structure_state` before the state dict is loaded."""
+
+    def on_setup(self, stage: str) -> None:
+        """Once per module, when its first run (fit/validate/test/predict) is set up, before Lightning restores
+        ``--ckpt_path``: load the weights a method starts from (``dense_checkpoint``, reference or member files)
+        here, never in ``__init__``, so every config instantiates without its files existing. ``effsr profile``
+        calls it when no checkpoint is profiled (``stage="profile"``)."""
 
     def on_checkpoint_loaded(self, checkpoint: dict[str, Any]) -> None:
         """After every checkpoint load (also one without effsr state, e.g. converted official weights): the
@@ -191,7 +198,13 @@ class SRModule(EvaluationMixin, L.LightningModule):
             parameter.requires_grad_("all" in prefixes or any(name.startswith(prefix) for prefix in prefixes))
         return True
 
-    # ------------------------------------------------------------------ Lightning: data
+    # ------------------------------------------------------------------ Lightning: setup and data
+    @final
+    def setup(self, stage: str) -> None:
+        if not self._set_up:  # a later run of the same module (fit, then test) must not reload the start weights
+            self._set_up = True
+            self.on_setup(stage)
+
     @final
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """uint8 images travel through the loader; they become float [0, 1] on the device."""

@@ -108,8 +108,11 @@ class ASSLModule(SRModule):
         self._structure: ChannelStructure | None = None
         self.fused_inference = fused_inference
         self._deploy_cache: _DeployCache | None = None
-        if dense_checkpoint:
-            load_dense_weights(self.network, dense_checkpoint)
+
+    def on_setup(self, stage: str) -> None:
+        """Starts from ``dense_checkpoint`` when given (a resumed or tested checkpoint then overrides it)."""
+        if self.dense_checkpoint:
+            load_dense_weights(self.network, self.dense_checkpoint)
 
     # ------------------------------------------------------------------ structure
     @property
