@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from effsr.archs import CARN, CARNM, EDSR, FSRCNN, LEDSR, RCAN, BicubicSR, MSRResNet, Upsampler
+from effsr.archs import CARN, CARNM, EDSR, FSRCNN, LEDSR, RCAN, BicubicSR, FSRCNNOfficial, MSRResNet, Upsampler
+from effsr.methods.classsr import ClassSRNet
 from effsr.methods.smsr import SMSR
 
 # Small configurations for forward passes (published widths are checked on the meta device below).
@@ -19,9 +20,11 @@ SMALL = {
     CARN: {"num_features": 8},
     CARNM: {"num_features": 8, "group": 4},
     FSRCNN: {"num_features": 8, "shrink_features": 4, "num_mapping": 2},
+    FSRCNNOfficial: {"num_features": 8, "shrink_features": 4, "num_mapping": 2},
     MSRResNet: {"num_features": 8, "num_blocks": 2},
     RCAN: {"num_features": 16, "num_groups": 2, "num_blocks": 2, "reduction": 4},
     SMSR: {"num_features": 16, "num_modules": 1, "num_layers": 2},
+    ClassSRNet: {"backbone": "effsr.archs.MSRResNet", "widths": [4, 6, 8], "backbone_args": {"num_blocks": 1}},
 }
 
 

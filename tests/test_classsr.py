@@ -69,10 +69,12 @@ def test_phases_select_trainable_parameters() -> None:
     from effsr.archs import FSRCNN
     from effsr.methods.classsr import ClassSRModule, ClassSRNet
 
-    net = ClassSRNet([FSRCNN(scale=4, num_features=n) for n in (16, 36, 56)])
+    net = ClassSRNet(branches=[FSRCNN(scale=4, num_features=n) for n in (16, 36, 56)])
     module = ClassSRModule(network=net)
-    sr, probabilities = net(torch.rand(2, 3, 32, 32))
+    lr = torch.rand(2, 3, 32, 32)
+    sr, probabilities = net.mixture(lr)
     assert sr.shape == (2, 3, 128, 128) and torch.allclose(probabilities.sum(1), torch.ones(2))
+    assert torch.equal(net(lr), sr)  # the backbone contract: forward gives the SR tensor
     assert module.on_phase_start("classifier", {})
     assert all(p.requires_grad for p in net.classifier.parameters())
     assert not any(p.requires_grad for p in net.branches.parameters())

@@ -28,7 +28,7 @@ from effsr.phases import Phase, PhaseDriven, PhaseSchedule
 
 # Method classes whose owners are moving their Lightning-hook overrides onto SRModule's hooks (issue 13 §3);
 # each owner removes their class from here when done, which turns the xfail into a hard check.
-KNOWN_UNMIGRATED = {"ClassSRModule", "NMSparsityModule"}
+KNOWN_UNMIGRATED = {"NMSparsityModule"}
 
 # Lightning's hooks: every public method of its hook mixins, plus the steps and optimizer plumbing of
 # LightningModule that a subclass could override.

@@ -215,9 +215,9 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
             for parameter in branch.parameters():
                 parameter.requires_grad_(index in trained)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restores the split and the phase's trainable set (the optimizer is rebuilt on it when resuming)."""
-        super().on_load_checkpoint(checkpoint)
+    def on_checkpoint_loaded(self, checkpoint: dict[str, Any]) -> None:
+        """Re-applies the phase's trainable set (the split came back with :meth:`rebuild_structure`); the
+        optimizer is rebuilt on it when resuming."""
         if self.phase_kind() not in (None, "split"):
             self._set_trainable()
 
@@ -265,7 +265,7 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
             return self.reference_checkpoint is not None
         return super().phase_condition(name)
 
-    def on_train_start(self) -> None:
+    def on_fit_begin(self) -> None:
         """Re-applies the per-class data subset after a resume."""
         self._apply_data_subset()
 
@@ -291,15 +291,15 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         indices = np.nonzero(np.isin(self.split_labels.numpy(), trained))[0]
         datamodule.set_train_subset(indices)
 
-    def configure_optimizers(self) -> Any:
-        """SRModule's optimizer; a phase with ``cosine_steps`` (and ``eta_min``) gets its own cosine schedule."""
-        configured = super().configure_optimizers()
+    def build_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> Any | None:
+        """The config's LR scheduler, else for a phase with ``cosine_steps`` (and ``eta_min``, default 1e-7 as
+        officially) its own cosine schedule over that many steps."""
+        configured = super().build_lr_scheduler(optimizer)
         steps = self.phase_settings.get("cosine_steps")
-        if steps is None or isinstance(configured, dict):
+        if configured is not None or steps is None:
             return configured
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            configured, T_max=int(steps), eta_min=float(self.phase_settings.get("eta_min", 1e-7)))
-        return {"optimizer": configured, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=int(steps), eta_min=float(self.phase_settings.get("eta_min", 1e-7)))
 
     # ------------------------------------------------------------------ training
     def labels_for(self, indices: Tensor) -> Tensor:
@@ -313,7 +313,7 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         w1*L1 + w2*L_class + w3*L_avg (L_avg over the global batch under DDP)."""
         kind = self.phase_kind() or "reference"
         if kind in ("classifier", "joint"):
-            sr, probabilities = self.network(lr)
+            sr, probabilities = self.network.mixture(lr)
             l1 = F.l1_loss(sr, hr) / self.network.pixel_range
             l_class = class_loss(probabilities)
             l_avg = average_loss(gather_with_grad(probabilities))

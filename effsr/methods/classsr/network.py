@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effsr.archs.common import check_scale
 from effsr.errors import ConfigError
 from effsr.inference.tiling import RoutedOutput, routed_forward
 from effsr.methods.classsr.cost import routed_costs
@@ -60,13 +61,18 @@ class ClassSRNet(nn.Module):
 
     Either give ``branches`` (nn.Modules) or ``backbone`` (class path, e.g. ``effsr.archs.FSRCNN``) with one
     width per branch: branch k = ``backbone(scale=scale, **{width_arg: widths[k]}, **backbone_args)``.
+    The backbone contract: ``scale`` first (checked; taken from the branches when they are given),
+    ``pixel_range``, and ``forward(lr)`` returns one SR tensor (the soft mixture, :meth:`mixture` also gives
+    the class probabilities).
     """
 
-    def __init__(self, branches: list[nn.Module] | None = None, classifier: Classifier | None = None, *,
-                 backbone: str | None = None, widths: list[int] | None = None, width_arg: str = "num_features",
-                 backbone_args: dict[str, Any] | None = None, scale: int | None = None,
-                 pixel_range: float | None = None) -> None:
+    def __init__(self, scale: int | None = None, branches: list[nn.Module] | None = None,
+                 classifier: Classifier | None = None, *, backbone: str | None = None,
+                 widths: list[int] | None = None, width_arg: str = "num_features",
+                 backbone_args: dict[str, Any] | None = None, pixel_range: float | None = None) -> None:
         super().__init__()
+        if scale is not None:
+            scale = check_scale(scale)
         if branches is None:
             if backbone is None or not widths or scale is None:
                 raise ConfigError("ClassSRNet needs `branches`, or `backbone`, `widths` and `scale`")
@@ -95,11 +101,15 @@ class ClassSRNet(nn.Module):
     def num_classes(self) -> int:
         return len(self.branches)
 
-    def forward(self, lr: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns (sum_k p_k * branch_k(lr), class probabilities)."""
+    def mixture(self, lr: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns (sum_k p_k * branch_k(lr), class probabilities): what training optimises."""
         probabilities = F.softmax(self.classifier(lr), dim=1)
         outputs = torch.stack([branch(lr) for branch in self.branches], dim=1)
         return (outputs * probabilities[:, :, None, None, None]).sum(dim=1), probabilities
+
+    def forward(self, lr: Tensor) -> Tensor:
+        """The soft mixture sum_k p_k * branch_k(lr) (training's output; inference routes, :class:`RoutedClassSR`)."""
+        return self.mixture(lr)[0]
 
 
 class RoutedClassSR(nn.Module):
