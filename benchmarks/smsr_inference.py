@@ -6,7 +6,10 @@
 checkpoint; its scale sets the LR (Set5 ×S) and its own spatial masks are used. Without a checkpoint the network
 has random weights with the released ×2 checkpoint's per-layer sparse channel counts and, per image, spatial
 masks thresholded from an edge map to the released per-SMM densities.
-Last line: ``speedup_vs_dense=X.XX macs_ratio=Y.YY`` (dense MACs / sparse MACs).
+``sparse`` is the library's path (per block: gathers, or dense convs above ``--dense-above``, default
+``DENSE_ABOVE_DENSITY``), ``gathered`` the same with every block on gathers. Before the last line: each image's
+sparse speedup over dense. Last line: ``speedup_vs_dense=X.XX macs_ratio=Y.YY`` (dense MACs / the sparse MACs
+at the measured densities as the gathers execute them, the paper's count).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from effsr.methods.smsr import SMSR, load_smsr_weights
+from effsr.methods.smsr.block import DENSE_ABOVE_DENSITY
 
 SPARSE_COUNTS = [[40, 55, 61, 64], [48, 60, 63, 64], [48, 57, 63, 64], [61, 64, 64, 64], [50, 59, 64, 64]]
 DENSITIES = {
@@ -197,6 +201,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: per-core CPU time with 1 thread (meaningful on a shared machine)")
     parser.add_argument("--tiles", type=int, nargs="*", default=[8, 16], help="tile sizes of the tile variant")
+    parser.add_argument("--dense-above", dest="dense_above", type=float, default=DENSE_ABOVE_DENSITY,
+                        help="spatial density above which a block runs dense convs (the library default)")
     args = parser.parse_args()
     if args.clock == "cpu":
         args.threads = 1
@@ -205,8 +211,21 @@ def main() -> None:
     from effsr.cost import count_macs
 
     network = build_network(args.ckpt_path, args.pixel_range)
+    for module in network.body:
+        module.body.dense_above = args.dense_above
+
+    def gathered(t: Tensor) -> Tensor:
+        for module in network.body:
+            module.body.dense_above = 2.0
+        try:
+            return network.forward_sparse(t)
+        finally:
+            for module in network.body:
+                module.body.dense_above = args.dense_above
+
     variants = {
         "sparse": network.forward_sparse,
+        "gathered": gathered,
         **{
             f"tile{size}": (lambda t, size=size: forward_with_body(
                 network, t, lambda block, f, m: tile_body(block, f, m, size)))
@@ -225,23 +244,25 @@ def main() -> None:
         with torch.inference_mode():
             reference = network.forward_hard(lr)
             errors = {name: (variants[name](lr) - reference).abs().max().item() / network.pixel_range
-                      for name in names if name.startswith(("sparse", "tile"))}
+                      for name in names if name.startswith(("sparse", "tile", "gathered"))}
             for function in variants.values():
                 function(lr)
-        macs = {name: count_macs(variants[name], lr) for name in names if name != "official"}
-        macs["official"] = macs["sparse"]
-        images.append((path.stem, lr, masks, macs, errors))
+        macs = {name: count_macs(variants[name], lr) for name in names if name not in ("official", "sparse")}
+        macs["sparse"] = macs["official"] = macs["gathered"]  # the sparse MAC count (paper's), as before
+        macs["sparse_executed"] = count_macs(variants["sparse"], lr)
+        paths = [module.body.last_path for module in network.body]
+        images.append((path.stem, lr, masks, macs, errors, paths))
     times = {name: np.zeros((args.repeats, len(images))) for name in names}
     with torch.inference_mode():
         for repeat in range(args.repeats):
-            for index, (_, lr, masks, _, _) in enumerate(images):
+            for index, (_, lr, masks, _, _, _) in enumerate(images):
                 network.forced_spatial = masks
                 shift = (repeat + index) % len(names)
                 for name in names[shift:] + names[:shift]:
                     start = clock()
                     variants[name](lr)
                     times[name][repeat, index] = (clock() - start) * 1000
-    for index, (stem, lr, _, macs, errors) in enumerate(images):
+    for index, (stem, lr, _, macs, errors, _) in enumerate(images):
         cells = " | ".join(f"{name} {macs[name] / 1e9:.2f}G {np.median(times[name][:, index]):.1f}ms" for name in names)
         error_text = " ".join(f"{name}={value:.1e}" for name, value in errors.items())
         print(f"{stem:10s} lr={tuple(lr.shape[-2:])} {cells} | max|x-hard|: {error_text}")
@@ -255,6 +276,13 @@ def main() -> None:
         if name.startswith("tile") or name == "official":
             print(f"{name}_speedup_vs_dense={np.median(per_round[name]):.2f} "
                   f"macs_ratio={totals['dense'] / totals[name]:.2f}")
+    print(f"gathered_speedup_vs_dense={np.median(per_round['gathered']):.2f} (every block on gathers)")
+    print("sparse executed " + " ".join(f"{stem} {macs['sparse_executed'] / 1e9:.2f}G [{' '.join(paths)}]"
+                                         for stem, _, _, macs, _, paths in images)
+          + f" (dense above density {args.dense_above})")
+    print("per-image sparse speedups vs dense: " + " ".join(
+        f"{stem} {np.median(times[dense][:, index] / times['sparse'][:, index]):.2f}"
+        for index, (stem, *_rest) in enumerate(images)))
     print(f"dense baseline = {dense}; per-round sparse speedups: "
           + " ".join(f"{value:.2f}" for value in per_round["sparse"]))
     print(f"speedup_vs_dense={np.median(per_round['sparse']):.2f} macs_ratio={totals['dense'] / totals['sparse']:.2f}")

@@ -169,3 +169,34 @@ def test_printed_config_still_loads_after_the_package_split(tmp_path: Path, caps
         cli.main(["fit", "--config", str(saved), "--model.init_args.layer_rule=pre_fix", "--print_config"])
     assert again.value.code in (0, None)
     assert "layer_rule: pre_fix" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("fill", "dense_above", "path"), [(0.15, 0.45, "sparse"), (0.8, 0.45, "dense"),
+                                                            (0.8, 2.0, "sparse"), (0.15, 0.0, "dense")])
+def test_sparse_path_falls_back_to_dense_convs_by_density_and_stays_exact(fill: float, dense_above: float,
+                                                                          path: str) -> None:
+    torch.manual_seed(4)
+    network = SMSR(2, num_features=16, num_modules=2, num_layers=3).eval()
+    with torch.no_grad():
+        for smm in network.body:
+            smm.body.ch_mask.normal_()
+            smm.body.dense_above = dense_above
+        x = torch.rand(2, 3, 13, 11)
+        network.forced_spatial = [(torch.rand(2, 1, 13, 11) < fill).float() for _ in network.body]
+        reference, sparse = network.forward_hard(x), network.forward_sparse(x)
+    assert [smm.body.last_path for smm in network.body] == [path, path]
+    assert (reference - sparse).abs().max().item() <= 1e-4
+    if path == "dense":  # 3 convs of 9·C² and the 1x1 collect (3C → C) per pixel, per block
+        assert network.body[0].body.last_macs == 2 * 13 * 11 * (3 * 9 * 16 * 16 + 3 * 16 * 16)
+
+
+def test_dense_fallback_with_all_sparse_or_all_dense_channels() -> None:
+    torch.manual_seed(6)
+    network = SMSR(2, num_features=16, num_modules=2, num_layers=3).eval()
+    with torch.no_grad():
+        for smm, sparse in zip(network.body, (1.0, 0.0), strict=True):
+            smm.body.ch_mask[..., 1], smm.body.ch_mask[..., 0] = sparse, 1.0 - sparse
+            smm.body.dense_above = 0.0
+        x = torch.rand(1, 3, 9, 10)
+        network.forced_spatial = [(torch.rand(1, 1, 9, 10) < 0.5).float() for _ in network.body]
+        assert (network.forward_hard(x) - network.forward_sparse(x)).abs().max().item() <= 1e-4

@@ -11,6 +11,12 @@ from torch import Tensor, nn
 #: Training-mode layer rules of :meth:`SMB.forward_masked`.
 LAYER_RULES: tuple[str, ...] = ("fixed", "pre_fix")
 
+#: Spatial density above which :meth:`SMB.forward_sparse` runs the block as dense convolutions
+#: (:meth:`SMB.forward_dense_fallback`): there the gathers cost more than the skipped MACs save. Calibrated with
+#: ``benchmarks/smsr_inference.py --clock cpu`` on one CPU thread (docs/benchmarks.md, SMSR section).
+DENSE_ABOVE_DENSITY = 0.45
+
+
 def _gemm_weight(weight: Tensor) -> Tensor:
     """(Cout, Cin, 3, 3) → (Cout, 9·Cin, 1, 1): a 1x1 kernel over pixel-major gathered rows ordered (ky, kx, cin)."""
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * weight.shape[1], 1, 1).contiguous()
@@ -43,6 +49,8 @@ class SMB(nn.Module):
         self._plan: dict[str, Any] | None = None
         self._plan_key: tuple[int, ...] | None = None
         self.last_macs = 0
+        self.dense_above = DENSE_ABOVE_DENSITY
+        self.last_path = "sparse"
 
     def hard_channel_mask(self) -> Tensor:
         """(channels, n_layers) bool: True where the output channel is sparse."""
@@ -100,7 +108,10 @@ class SMB(nn.Module):
                 if index == 0:
                     layer["w_dd"] = weight[dense_out].contiguous()
                     layer["w_full_s"] = _gemm_weight(weight[sparse_out])
+                    layer["w_from_dense"], layer["w_from_sparse"] = weight.contiguous(), None
                 else:
+                    layer["w_from_dense"] = weight[:, previous_dense].contiguous()
+                    layer["w_from_sparse"] = weight[:, previous_sparse].contiguous()
                     layer["w_dd"] = weight[dense_out][:, previous_dense].contiguous()
                     layer["w_ds"] = _gemm_weight(weight[sparse_out][:, previous_dense])
                     layer["w_s_all"] = _gemm_weight(weight[torch.cat([sparse_out, dense_out])][:, previous_sparse])
@@ -128,7 +139,47 @@ class SMB(nn.Module):
             outputs.append(feature)
         return self.collect(torch.cat(outputs, 1))
 
+    def forward_dense_fallback(self, x: Tensor, spatial: Tensor) -> Tensor:
+        """The hard-mask block (:meth:`forward_masked`, fixed rule) as one dense conv per input kind and layer.
+
+        Layer i's inputs are its dense input channels (full maps) and its sparse ones (zero outside the mask, as
+        the rule makes them); A = conv(dense inputs), B = conv(sparse inputs) over all C outputs, then dense
+        outputs are A + S·B and sparse outputs S·(A + B). That is 9·C² MACs per pixel and layer (the dense
+        network's), half of what :meth:`forward_masked` spends with its two convs over all C inputs.
+        """
+        plan = self.plan()
+        mask = (spatial > 0.5).to(x.dtype)
+        sparse = self.hard_channel_mask().to(x.dtype)
+        outputs: list[Tensor] = []
+        dense_in, sparse_in = x, None
+        pixels = x.shape[0] * x.shape[2] * x.shape[3]
+        for index, layer in enumerate(plan["layers"]):
+            keep = (1 - sparse[:, index]).view(1, -1, 1, 1) + sparse[:, index].view(1, -1, 1, 1) * mask
+            feature = None
+            if dense_in.shape[1]:
+                feature = F.conv2d(dense_in, layer["w_from_dense"], padding=1) * keep
+            if sparse_in is not None and sparse_in.shape[1]:
+                from_sparse = F.conv2d(sparse_in, layer["w_from_sparse"], padding=1).mul_(mask)
+                feature = from_sparse if feature is None else feature.add_(from_sparse)
+            if feature is None:
+                feature = x.new_zeros(x.shape[0], self.channels, *x.shape[2:])
+            feature = feature.relu_()
+            outputs.append(feature)
+            dense_in = feature.index_select(1, layer["dense_out"])
+            sparse_in = feature.index_select(1, layer["sparse_out"])
+        self.last_macs = int(pixels * self.n_layers * self.channels * (9 * self.channels + self.channels))
+        self.last_path = "dense"
+        return self.collect(torch.cat(outputs, 1))
+
     def forward_sparse(self, x: Tensor, spatial: Tensor) -> Tensor:
+        """Sparse execution with hard masks, or :meth:`forward_dense_fallback` when the mask's density exceeds
+        ``dense_above`` (:data:`DENSE_ABOVE_DENSITY`); both equal :meth:`forward_masked` with hard masks."""
+        if float((spatial > 0.5).sum()) > self.dense_above * spatial.numel():
+            return self.forward_dense_fallback(x, spatial)
+        self.last_path = "sparse"
+        return self._forward_gathered(x, spatial)
+
+    def _forward_gathered(self, x: Tensor, spatial: Tensor) -> Tensor:
         """Sparse execution with hard masks: dense channels via conv2d, sparse ones only at masked positions.
 
         Feature maps are channels_last, so a map's NHWC view is a free (B·H·W, C) matrix; each layer gathers
