@@ -69,6 +69,8 @@ class SRDataModule(L.LightningDataModule):
         train_crop: ``random`` LR-grid-aligned crops, or ``grid`` fixed sub-images (ClassSR).
         hr_subimage_size: HR side of a grid sub-image (LR = ``// scale``).
         hr_subimage_step: HR stride between grid sub-images.
+        hr_subimage_flush_above: a last sub-image flush with the image border is added when the strip left
+            after the regular grid is longer than this (HR px; 0: any strip; ClassSR's official extraction: 48).
         train_rescales: grid mode: also extract sub-images from MATLAB-bicubic rescales of each HR image
             (e.g. ``[1.0, 0.9, 0.8, 0.7, 0.6]``).
         cache_dir: decoded-array cache (default ``$EFFSR_CACHE`` or ``~/.cache/effsr``).
@@ -94,6 +96,7 @@ class SRDataModule(L.LightningDataModule):
         train_crop: TrainCrop = "random",
         hr_subimage_size: int = 128,
         hr_subimage_step: int = 64,
+        hr_subimage_flush_above: int = 0,
         train_rescales: Sequence[float] = (1.0,),
         cache_dir: str | None = None,
         seed: int = 0,
@@ -126,6 +129,7 @@ class SRDataModule(L.LightningDataModule):
         self.train_crop = train_crop
         self.hr_subimage_size = hr_subimage_size
         self.hr_subimage_step = hr_subimage_step
+        self.hr_subimage_flush_above = hr_subimage_flush_above
         self.train_rescales = [float(rescale) for rescale in train_rescales]
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.seed = seed
@@ -208,7 +212,8 @@ class SRDataModule(L.LightningDataModule):
             entries = self._train_entries()
             if self.train_crop == "grid":
                 self.train_dataset = SubImageDataset(
-                    entries, self.scale, self.hr_subimage_size, self.hr_subimage_step, self.seed
+                    entries, self.scale, self.hr_subimage_size, self.hr_subimage_step, self.seed,
+                    self.hr_subimage_flush_above,
                 )
             else:
                 self.train_dataset = RandomPatchDataset(

@@ -174,12 +174,14 @@ class RandomPatchDataset(_TrainBase):
         return self._sample(lr, hr, key, 3)
 
 
-def grid_positions(length: int, size: int, step: int) -> np.ndarray:
-    """Sub-image starts along one axis: every ``step``, plus one flush with the end (BasicSR's extraction)."""
+def grid_positions(length: int, size: int, step: int, flush_above: int = 0) -> np.ndarray:
+    """Sub-image starts along one axis: every ``step``, plus one flush with the end when the strip left after
+    the last one is longer than ``flush_above`` (0: any strip, BasicSR's extraction; ClassSR's official
+    ``extract_subimages_train.py`` uses 48 HR px, i.e. 48 / scale in these LR units)."""
     if length < size:
         return np.zeros(0, dtype=np.int64)
     starts = np.arange(0, length - size + 1, step, dtype=np.int64)
-    if starts[-1] + size < length:
+    if length - (starts[-1] + size) > flush_above:
         starts = np.append(starts, length - size)
     return starts
 
@@ -192,7 +194,7 @@ class SubImageDataset(_TrainBase):
 
     def __init__(
         self, pairs: Sequence[CachedPair], scale: int, hr_subimage_size: int = 128, hr_subimage_step: int = 64,
-        seed: int = 0,
+        seed: int = 0, hr_subimage_flush_above: int = 0,
     ) -> None:
         if hr_subimage_size % scale or hr_subimage_step % scale or hr_subimage_step < scale:
             raise ConfigError(
@@ -205,7 +207,9 @@ class SubImageDataset(_TrainBase):
         rows = []
         for pair_index in range(len(self.store.pairs)):
             height, width = self.store.lr_shape(pair_index)
-            tops, lefts = grid_positions(height, self.lr_size, lr_step), grid_positions(width, self.lr_size, lr_step)
+            flush = hr_subimage_flush_above // scale
+            tops = grid_positions(height, self.lr_size, lr_step, flush)
+            lefts = grid_positions(width, self.lr_size, lr_step, flush)
             grid = np.stack(np.meshgrid(tops, lefts, indexing="ij"), axis=-1).reshape(-1, 2)
             rows.append(np.concatenate([np.full((len(grid), 1), pair_index, dtype=np.int64), grid], axis=1))
         self.table = np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 3), dtype=np.int32)
