@@ -77,6 +77,21 @@ def test_fixed_thresholds_assign_classes_as_the_official_divide_script() -> None
     assert split_by_thresholds(scores, [35.15, 27.17]).tolist() == [0, 0, 1, 1, 2, 0, 2]
 
 
+def test_flush_crop_only_past_the_official_48_px_strip() -> None:
+    from effsr.data.datasets import grid_positions
+
+    # official extract_subimages_train.py at x4 on an HR axis of 1000 px: crops of 128 every 64 end at 960,
+    # strip 40 <= 48: no flush crop; at 1020 px the strip is 60 > 48: a crop at 1020 - 128 = 892 is added.
+    def official(length: int, crop: int = 128, step: int = 64, thres: int = 48) -> list[int]:
+        space = list(range(0, length - crop + 1, step))
+        return space + ([length - crop] if length - (space[-1] + crop) > thres else [])
+
+    for hr_length in (1000, 1020, 1024, 968, 977):
+        lr = grid_positions(hr_length // 4, 32, 16, 48 // 4)
+        assert (lr * 4).tolist() == official(hr_length - hr_length % 4), hr_length
+    assert grid_positions(250, 32, 16).tolist()[-1] == 250 - 32  # default 0: any strip gets the flush crop
+
+
 def test_split_thresholds_option_needs_k_minus_one_values() -> None:
     with pytest.raises(ConfigError, match="split_thresholds needs 2 values"):
         ClassSRModule(_network(), split_thresholds=[30.0])
@@ -242,6 +257,7 @@ def test_paper_configs_default_to_the_official_recipe(path: Path) -> None:
         assert phases["reference"]["settings"]["lr"] == phases["branches_0"]["settings"]["lr"] == 2.0e-4
     if "fsrcnn" in path.stem:
         assert model["network"]["init_args"]["backbone"] == "effsr.archs.FSRCNNOfficial"
+    assert config["data"]["hr_subimage_flush_above"] == 48
     if path.stem in ("classsr_fsrcnn_x4", "classsr_carnm_x4", "classsr_rcan_x4"):
         assert model["split_model"] == "runs/classsr_msrresnet_x4/reference/reference.ckpt"
 
