@@ -3,6 +3,8 @@
     python benchmarks/gpu_check.py [--json runs/gpu_check.json] [--configs experiments/a.yaml ...]
     python benchmarks/gpu_check.py --smoke        # CPU, small sizes, seconds (tests/test_gpu_check.py)
 
+Without a CUDA GPU it always runs the smoke version (so ``make bench`` stays short on CPU machines).
+
 Figures (one printed line each, all collected in the JSON):
 
 - ``smsr``: SMSR ×2 sparse execution vs the same network run densely on a 640×360 LR image (720p output);
@@ -318,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    smoke = args.smoke
+    smoke = args.smoke or not torch.cuda.is_available()
+    if smoke and not args.smoke:
+        print("gpu_check: no CUDA GPU, so the --smoke run (CPU, small sizes) instead of the full one", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     steps = args.steps or (2 if smoke else 50)
     repeats = args.repeats or (1 if smoke else 10)
