@@ -56,6 +56,7 @@ __all__ = [
     "macs_per_lr_patch",
     "meta_macs",
     "meta_macs_720p",
+    "HasScale",
     "ReportsMacs",
 ]
 
@@ -197,8 +198,15 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@runtime_checkable
+class HasScale(Protocol):
+    """An SR network that states its upscaling factor (every effsr backbone)."""
+
+    scale: int
+
+
 def _resolve_scale(module: nn.Module, scale: int | None) -> int:
-    module_scale = getattr(module, "scale", None)
+    module_scale = module.scale if isinstance(module, HasScale) else None
     if scale is None:
         if module_scale is None:
             raise ValueError("pass scale= for a module without a .scale attribute")

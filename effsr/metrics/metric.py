@@ -24,13 +24,11 @@ class _PerImageMean(Metric):
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, sr: torch.Tensor, hr: torch.Tensor) -> None:
-        """Adds the per-image scores of a batch."""
-        self.update_scores(type(self).score_fn(sr, hr, self.crop_border, self.y_channel))
-
-    def update_scores(self, scores: torch.Tensor) -> None:
-        """Adds per-image scores computed elsewhere with this metric's ``score_fn``, crop and channel (so a caller
-        that also keeps the per-image values computes them once)."""
+    def update(self, sr: torch.Tensor, hr: torch.Tensor, scores: torch.Tensor | None = None) -> None:
+        """Adds the per-image scores of a batch. ``scores``: those values already computed from ``sr``/``hr`` with
+        this metric's function, crop and channel (a caller that also keeps the per-image values scores once)."""
+        if scores is None:
+            scores = type(self).score_fn(sr, hr, self.crop_border, self.y_channel)
         self.total += scores.sum().to(self.total.device)
         self.count += scores.numel()
 

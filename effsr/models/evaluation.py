@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, final
+from typing import Any, Protocol, final, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,13 @@ from effsr.models.results import (
 )
 
 Value = float | list[float]
+
+
+@runtime_checkable
+class NamedEvalSets(Protocol):
+    """A data module whose k-th val/test dataloader is the set ``eval_set_names[k]`` (SRDataModule)."""
+
+    eval_set_names: list[str]
 
 
 @dataclass
@@ -164,7 +171,7 @@ class EvaluationMixin:
     # ------------------------------------------------------------------ Lightning: evaluation
     def _set_names(self) -> list[str]:
         datamodule = getattr(self.trainer, "datamodule", None)
-        return list(getattr(datamodule, "eval_set_names", []) or [])
+        return list(datamodule.eval_set_names or []) if isinstance(datamodule, NamedEvalSets) else []
 
     def _metrics_for(self, stage: str, set_name: str) -> nn.ModuleDict:
         key = f"{stage}__{set_name}".replace(".", "_")
@@ -199,8 +206,8 @@ class EvaluationMixin:
         psnr_values = psnr_fn(sr, hr, crop_border=self.scale, y_channel=True)
         ssim_values = ssim_fn(sr, hr, crop_border=self.scale, y_channel=True)
         metrics = self._metrics_for(stage, set_name)  # Y values computed once, for the metrics and the records
-        metrics["psnr_y"].update_scores(psnr_values)
-        metrics["ssim_y"].update_scores(ssim_values)
+        metrics["psnr_y"].update(sr, hr, scores=psnr_values)
+        metrics["ssim_y"].update(sr, hr, scores=ssim_values)
         metrics["psnr_rgb"].update(sr, hr)
         values = self.image_measurements(measured, sr, hr) if lr.shape[0] == 1 else {}
         for index, image_name in enumerate(image_names):
