@@ -266,7 +266,7 @@ def test_assl_instantiates_without_its_dense_checkpoint_and_loads_it_at_setup(tm
 
 # ---------------------------------------------------------------------------- one module per concern
 # files still importing wandb themselves until their owners switch to effsr.loggers (issue 13 §2)
-KNOWN_WANDB_IMPORTS = {"effsr/methods/nm_sparsity.py"}
+KNOWN_WANDB_IMPORTS = {"effsr/methods/nm_sparsity/module.py"}
 
 
 def test_only_effsr_loggers_imports_wandb() -> None:
