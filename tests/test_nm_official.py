@@ -4,6 +4,8 @@ own step counter and a search whose outcome (the expensive layer gets the smalle
 
 from __future__ import annotations
 
+import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -209,3 +211,85 @@ def test_paper_configs_carry_the_official_regime(name: str) -> None:
     assert config["trainer"]["max_steps"] == 300001  # 1 dense step (dense_checkpoint given) + 300k
     # 1000 iterations per epoch as the official --test_every 1000 at batch 16
     assert config["data"]["samples_per_epoch"] == 16000 and config["data"]["batch_size"] == 16
+
+
+class _RunsAShellCommand:
+    """A pickle payload that would create ``marker`` when unpickled with arbitrary code allowed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_dense_and_member_files_are_read_safely_in_setup_not_in_init(tmp_path: Path) -> None:
+    from effsr.errors import CheckpointError
+    from effsr.methods.nm_adaptive import AdaptiveNMModule
+
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.ckpt"
+    with open(evil, "wb") as file:
+        pickle.dump({"state_dict": _RunsAShellCommand(marker)}, file, protocol=2)
+    sparse = msrresnet_module(dense_checkpoint=str(tmp_path / "missing.ckpt"))  # no I/O in __init__
+    with pytest.raises(CheckpointError, match="dense_checkpoint .*missing.ckpt"):
+        sparse.on_setup("fit")
+    for path in (evil, tmp_path / "missing.ckpt"):
+        adaptive = AdaptiveNMModule(MSRResNet(4, num_features=32, num_blocks=1), checkpoints=[None, str(path)], m=32)
+        with pytest.raises(CheckpointError, match=r"checkpoints\[1\]"):
+            adaptive.on_setup("fit")
+    with pytest.raises(CheckpointError, match="refusing to load model.init_args.dense_checkpoint"):
+        msrresnet_module(dense_checkpoint=str(evil)).on_setup("fit")
+    assert not marker.exists()
+    # a dense checkpoint loads into the N:M network and the ranks follow the loaded weights
+    dense = MSRResNet(4, num_features=32, num_blocks=1, pixel_range=255.0)
+    torch.save({"state_dict": {f"network.{key}": value for key, value in dense.state_dict().items()}},
+               tmp_path / "dense.ckpt")
+    started = msrresnet_module(dense_checkpoint=str(tmp_path / "dense.ckpt"))
+    started.on_setup("fit")
+    layer = started.layers()["upconv1"]
+    assert torch.equal(layer.weight, dense.upconv1.weight)
+    assert torch.equal(layer.rank, NMConv2d.from_conv(dense.upconv1, 32).rank)
+
+
+def test_adaptive_members_rebuild_from_the_checkpoint_without_their_files(tmp_path: Path) -> None:
+    from effsr.methods.nm_adaptive import AdaptiveNMModule
+
+    paths = []
+    for index, budget in enumerate((1.0, 0.25)):
+        member = msrresnet_module(mode="oneshot", budget=budget)
+        checkpoint: dict = {"state_dict": member.state_dict()}
+        member.on_save_checkpoint(checkpoint)
+        torch.save(checkpoint, tmp_path / f"member{index}.ckpt")
+        paths.append(str(tmp_path / f"member{index}.ckpt"))
+    backbone = MSRResNet(4, num_features=32, num_blocks=1, pixel_range=255.0)
+    trained = AdaptiveNMModule(backbone, checkpoints=paths, m=32, patch_size=8, overlap=2)
+    trained.on_setup("fit")
+    saved: dict = {"state_dict": trained.state_dict()}
+    trained.on_save_checkpoint(saved)
+    for path in paths:
+        Path(path).unlink()  # e.g. testing on another machine: the checkpoint holds everything
+    fresh = AdaptiveNMModule(backbone, checkpoints=paths, m=32, patch_size=8, overlap=2)
+    fresh.on_load_checkpoint(saved)
+    fresh.load_state_dict(saved["state_dict"])
+    assert torch.equal(fresh.ensemble.costs, trained.ensemble.costs) and float(fresh.ensemble.costs[1]) < 0.5
+    lr = torch.rand(1, 3, 8, 8) * 255
+    for ours, theirs in zip(fresh.ensemble.members, trained.ensemble.members, strict=True):
+        assert torch.equal(ours(lr), theirs(lr))
+
+
+def test_configs_instantiate_without_their_files_and_the_old_class_path_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import effsr.cli
+    from effsr.cli import EffSRCLI
+    from effsr.methods.nm_adaptive import AdaptiveNMModule
+
+    # the CLI names missing member files before instantiating (its own check); the module itself reads none
+    monkeypatch.setattr(effsr.cli, "check_checkpoint_paths", lambda *_args: None)
+    model = EffSRCLI(args=["--config", str(REPO / "experiments" / "nm_adaptive_x4.yaml"), "--trainer.logger=false"],
+                     run=False).model
+    assert isinstance(model, AdaptiveNMModule) and not any(Path(p).exists() for p in model.checkpoints if p)
+    old = (REPO / "experiments" / "tiny" / "nm_adaptive_x4.yaml").read_text().replace(
+        "effsr.methods.nm_adaptive.AdaptiveNMModule", "effsr.methods.nm_sparsity.AdaptiveNMModule")
+    (tmp_path / "config.yaml").write_text(old)
+    model = EffSRCLI(args=["--config", str(tmp_path / "config.yaml"), "--trainer.logger=false"], run=False).model
+    assert isinstance(model, AdaptiveNMModule)

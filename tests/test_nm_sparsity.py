@@ -275,6 +275,7 @@ def test_adaptive_module_loss_trains_only_the_estimators_and_reports_measured_ma
         torch.save(checkpoint, path)
         paths.append(str(path))
     adaptive = AdaptiveNMModule(tiny_edsr(), checkpoints=paths, m=8, penalty=0.0, patch_size=8, overlap=2)
+    adaptive.on_setup("fit")  # members are read here (what Lightning's setup calls), not in __init__
     assert adaptive.ensemble.costs[1] < 0.5 < adaptive.ensemble.costs[0]
     ensemble = adaptive.ensemble
     hr = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -14,8 +14,9 @@ from effsr.cost import macs_at_720p
 from effsr.inference.tiling import routed_forward
 from effsr.methods.nm_adaptive.estimator import MSEEstimator, patch_mse
 from effsr.methods.nm_sparsity.convert import convert_to_nm, nm_layers
+from effsr.weights import load_network_state, read_checkpoint, state_dict_of, strip_prefix
 
-__all__ = ["NMEnsemble", "load_nm_member"]
+__all__ = ["NMEnsemble", "build_member", "load_nm_member", "member_cost", "member_structure"]
 
 
 class NMEnsemble(nn.Module):
@@ -119,30 +120,51 @@ class NMEnsemble(nn.Module):
 
 
 
-def load_nm_member(backbone: nn.Module, path: str | None, m: int) -> tuple[nn.Module, float]:
-    """A copy of ``backbone`` loaded from an N:M (or dense, ``path=None`` = as given) checkpoint, with its cost
-    as a fraction of the dense network's MACs at 720p."""
+def member_cost(network: nn.Module) -> float:
+    """MACs at 720p of ``network`` (N:M layers at N/M) as a fraction of the same backbone dense."""
+    layers = nm_layers(network)
+    if not layers:
+        return 1.0
+    plain = copy.deepcopy(network).to("meta")
+    for layer in nm_layers(plain).values():
+        layer.enabled = False  # counts the dense conv
+    dense = macs_at_720p(plain, device="meta")
+    dense_layers = sum(int(layer.dense_macs) for layer in layers.values())
+    sparse = sum(int(layer.dense_macs) * layer.n // layer.m for layer in layers.values())
+    return (dense - dense_layers + sparse) / dense
+
+
+def build_member(network: nn.Module, fixed_n: dict[str, int | None] | None, m: int) -> nn.Module:
+    """Makes ``network`` (in place) the structure of a member: unchanged when ``fixed_n`` is None (dense), else its
+    N:M layers with these frozen N (a layer without one freezes at its current N). Idempotent."""
+    if fixed_n is None:
+        return network
+    if not nm_layers(network):
+        convert_to_nm(network, m)
+    for name, layer in nm_layers(network).items():
+        fixed = fixed_n.get(name)
+        layer.freeze(fixed if fixed is not None else None)
+    return network
+
+
+def member_structure(network: nn.Module) -> dict[str, int | None] | None:
+    """What :func:`build_member` needs to rebuild ``network``: its frozen N per N:M layer, None when dense."""
+    layers = nm_layers(network)
+    return {name: layer.fixed_n for name, layer in layers.items()} if layers else None
+
+
+def load_nm_member(backbone: nn.Module, path: str | None, m: int, what: str = "member checkpoint"
+                   ) -> tuple[nn.Module, float]:
+    """A copy of ``backbone`` loaded from an N:M (or dense, ``path=None`` = as given) checkpoint through the safe
+    loader (:func:`effsr.weights.read_checkpoint`), with its cost as a fraction of the dense network's MACs at 720p.
+    ``what`` names the option in errors."""
     network = copy.deepcopy(backbone)
-    dense = macs_at_720p(copy.deepcopy(network).to("meta"), device="meta")
     if path is None:
         return network, 1.0
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = {key[len("network."):]: value for key, value in checkpoint["state_dict"].items()
-             if key.startswith("network.")}
+    checkpoint = read_checkpoint(path, what)
+    state = strip_prefix("network.")(strip_prefix("module.")(state_dict_of(checkpoint, path, what)))
     if any(key.endswith(".rank") for key in state):
-        convert_to_nm(network, m)
         structure = checkpoint.get("effsr", {}).get("structure", {})
-        layers = nm_layers(network)
-        for name, fixed in structure.get("fixed_n", {}).items():
-            if fixed is not None:
-                layers[name].freeze(fixed)
-        network.load_state_dict(state)
-        for layer in layers.values():
-            if layer.fixed_n is None:
-                layer.freeze()
-        dense_layers = sum(int(layer.dense_macs) for layer in layers.values())
-        sparse = sum(int(layer.dense_macs) * layer.n // layer.m for layer in layers.values())
-        return network, (dense - dense_layers + sparse) / dense
-    network.load_state_dict(state)
-    return network, 1.0
-
+        build_member(network, dict(structure.get("fixed_n", {})), int(structure.get("m", m)))
+    load_network_state(network, path, what=what)
+    return network, member_cost(network)

@@ -3,6 +3,7 @@ routed ensemble with measured MACs."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from effsr.cost import MacCounter, count_params
-from effsr.methods.nm_adaptive.ensemble import NMEnsemble, load_nm_member
+from effsr.methods.nm_adaptive.ensemble import (
+    NMEnsemble,
+    build_member,
+    load_nm_member,
+    member_cost,
+    member_structure,
+)
 from effsr.models.base import SRModule, _default_optimizer
 
 __all__ = ["AdaptiveNMModule"]
@@ -36,18 +43,49 @@ class AdaptiveNMModule(SRModule):
                  m: int = 8, penalty: float = 0.0, target_cost: float | None = None, patch_size: int = 32,
                  overlap: int = 4, estimator_features: int = 16, relative: bool = True, y_channel: bool = True,
                  **kwargs: Any) -> None:
-        loaded = [load_nm_member(network, path, m) for path in checkpoints]
-        ensemble = NMEnsemble([member for member, _ in loaded], [cost for _, cost in loaded], estimator_features,
-                              penalty, target_cost, patch_size, overlap, relative, y_channel)
+        # members start as copies of the backbone; their files are read in on_setup (no I/O here)
+        members = [copy.deepcopy(network) for _ in checkpoints]
+        ensemble = NMEnsemble(members, [1.0] * len(members), estimator_features, penalty, target_cost, patch_size,
+                              overlap, relative, y_channel)
         super().__init__(ensemble, optimizer, lr_scheduler, **kwargs)
-        for parameter in ensemble.members.parameters():
-            parameter.requires_grad_(False)
+        self.checkpoints, self.m = list(checkpoints), m
+        self._freeze_members()
         self._measured: dict[str, float] = {}
         self.register_buffer("estimators_initialised", torch.zeros((), dtype=torch.bool))
 
     @property
     def ensemble(self) -> NMEnsemble:
         return self.network
+
+    def _freeze_members(self) -> None:
+        for parameter in self.ensemble.members.parameters():
+            parameter.requires_grad_(False)
+
+    def _set_costs(self) -> None:
+        self.ensemble.costs.copy_(torch.tensor([member_cost(member) for member in self.ensemble.members]))
+
+    def on_setup(self, stage: str) -> None:
+        """Loads every member file (safe loader; the option is named in errors) and sets the members' costs; a
+        resumed or tested checkpoint then overrides the weights (its structure was rebuilt first)."""
+        for index, path in enumerate(self.checkpoints):
+            if path is None:
+                continue
+            member, _cost = load_nm_member(self.ensemble.members[index], path, self.m,
+                                           what=f"model.init_args.checkpoints[{index}]")
+            self.ensemble.members[index] = member
+        self._freeze_members()
+        self._set_costs()
+
+    def structure_state(self) -> dict[str, Any]:
+        """Each member's frozen N per N:M layer (None = dense), so a checkpoint rebuilds them without the files."""
+        return {"m": self.m, "members": [member_structure(member) for member in self.ensemble.members]}
+
+    def rebuild_structure(self, state: dict[str, Any]) -> None:
+        for member, fixed_n in zip(self.ensemble.members, state.get("members", []), strict=False):
+            build_member(member, fixed_n, int(state.get("m", self.m)))
+        if state.get("members"):
+            self._freeze_members()
+            self._set_costs()
 
     def parameters_to_train(self) -> list[nn.Parameter]:
         return list(self.ensemble.estimators.parameters())

@@ -9,7 +9,6 @@ search; ``finetune`` freezes N (the remaining budget filled, or a warning when t
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -30,6 +29,7 @@ from effsr.methods.nm_sparsity.convert import (
 )
 from effsr.methods.nm_sparsity.layer import NMConv2d
 from effsr.models.base import SRModule, _default_optimizer
+from effsr.weights import load_network_state
 
 __all__ = ["SCORE_GROUP", "AnnealRule", "CostUnit", "Mode", "NMSparsityModule", "ScoreClamp", "load_network_weights"]
 
@@ -40,19 +40,11 @@ ScoreClamp = Literal["forward", "inplace"]
 SCORE_GROUP = "nm_scores"
 
 
-def load_network_weights(network: nn.Module, path: str) -> None:
-    """Loads a dense checkpoint (Lightning ``state_dict`` with ``network.`` keys, or a plain state_dict)."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"dense checkpoint {path} not found")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = checkpoint.get("state_dict", checkpoint)
-    if any(key.startswith("network.") for key in state):
-        state = {key[len("network."):]: value for key, value in state.items() if key.startswith("network.")}
-    missing, unexpected = network.load_state_dict(state, strict=False)
-    if unexpected or [key for key in missing if not key.endswith(("scores", "rank", "dense_macs"))]:
-        raise CheckpointError(f"{path} does not match {type(network).__name__}: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-
+def load_network_weights(network: nn.Module, path: str, what: str = "model.init_args.dense_checkpoint") -> None:
+    """Loads a dense checkpoint (Lightning ``state_dict`` with ``network.`` keys, or a plain state_dict) into a
+    dense or N:M network through the safe loader; the N:M buffers/scores it lacks keep their values."""
+    load_network_state(network, path, what=what, ignore_missing=lambda key: key.endswith(("scores", "rank",
+                                                                                              "dense_macs")))
 
 
 class NMSparsityModule(SRModule):
@@ -95,8 +87,6 @@ class NMSparsityModule(SRModule):
                  score_clamp: ScoreClamp = "inplace", score_lr: float | None = None, score_max: float = 1.03,
                  fill_budget: bool = True, srste_decay: float = 2e-4, dense_checkpoint: str | None = None,
                  **kwargs: Any) -> None:
-        if dense_checkpoint:
-            load_network_weights(network, dense_checkpoint)
         super().__init__(network, optimizer, lr_scheduler, **kwargs)
         if not 0 < budget <= 1:
             raise ConfigError(f"budget must be in (0, 1], got {budget}")
@@ -124,6 +114,14 @@ class NMSparsityModule(SRModule):
             for layer in self.layers().values():
                 layer.freeze(self.uniform_n)
                 layer.straight_through_dense = mode == "srste"
+
+    def on_setup(self, stage: str) -> None:
+        """Starts from ``dense_checkpoint`` when given (a resumed or tested checkpoint then overrides it); the
+        magnitude ranks are recomputed from the loaded weights."""
+        if self.dense_checkpoint:
+            load_network_weights(self.network, self.dense_checkpoint)
+            for layer in self.layers().values():
+                layer.rerank()
 
     def layers(self) -> dict[str, NMConv2d]:
         return nm_layers(self.network)
