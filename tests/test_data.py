@@ -421,7 +421,7 @@ def test_eval_image_too_small_for_the_protocol_is_a_data_error_naming_it(tmp_pat
         side = min_eval_hr_size(scale)
         image = torch.rand(1, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(scale))
         assert torch.allclose(ssim(image, image, crop_border=scale), torch.ones(1, dtype=torch.float64))
-        with pytest.raises(RuntimeError):
+        with pytest.raises(ConfigError, match="SSIM needs images of at least"):
             ssim(image[..., : side - scale, :], image[..., : side - scale, :], crop_border=scale)
     write_image(tmp_path / "Small" / "big.png", photo(40, 40))
     write_image(tmp_path / "Small" / "tiny.png", photo(7, 9))  # x4: mod-cropped to 8x4
