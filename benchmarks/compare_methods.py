@@ -39,6 +39,7 @@ from _reproduce_experiments import EXPERIMENTS, Experiment, ModelDecl  # noqa: E
 from reproduce import _data_arg, cache_key  # noqa: E402
 
 from effsr.compare.plot import pareto_front  # noqa: E402
+from effsr.cost import lr_size_for_720p  # noqa: E402
 
 Row = dict[str, Any]
 SMSR_RELEASE_CONFIG = "experiments/smsr_x2.yaml"
@@ -169,18 +170,23 @@ def run_compare(scale: int, rows: list[Row], args: argparse.Namespace, output: P
     return json.loads((output / "compare.json").read_text())
 
 
-def paper_cost(entry: dict[str, Any], set_name: str) -> tuple[float, str]:
-    """(value in G, unit) of the model's cost as its paper reports it, from its config class and test results."""
+def paper_cost(entry: dict[str, Any], set_name: str, experiment: str, scale: int) -> tuple[float, str]:
+    """(value in G, unit) of the model's cost as its paper reports it, from its config class and test results.
+
+    ClassSR's paper reports its baselines (the -O model, the branches) in its own unit too: for a plain conv
+    network, 2 × MACs@720p × 32² / (LR pixels at 720p) is exactly 2 × the MACs of one 32×32 LR patch.
+    """
     import yaml
 
     config = yaml.safe_load(Path(entry["configs"][-1]).read_text()) if entry["configs"] else {}
     module = str(((config or {}).get("model") or {}).get("class_path", "")).rsplit(".", 1)[-1]
-    unit = PAPER_COST.get(module, "MACs@720p")
-    row = entry["sets"][set_name]
-    if module == "ClassSRModule":
+    macs = float(entry["sets"][set_name]["macs_720p"] or 0.0)
+    if module == "ClassSRModule" or experiment.startswith("classsr"):
         results = json.loads(Path(entry["test_results"]).read_text())[set_name]
-        return float(results["flops_classsr"]) / 1e9, unit
-    return float(row["macs_720p"] or 0.0) / 1e9, unit
+        height, width = lr_size_for_720p(scale)
+        flops = results.get("flops_classsr", 2.0 * macs * 32 * 32 / (height * width))
+        return float(flops) / 1e9, PAPER_COST["ClassSRModule"]
+    return macs / 1e9, PAPER_COST.get(module, "MACs@720p")
 
 
 def table_rows(scale: int, rows: list[Row], report: dict[str, Any]) -> list[Row]:
@@ -189,7 +195,7 @@ def table_rows(scale: int, rows: list[Row], report: dict[str, Any]) -> list[Row]
     records = []
     for entry in report["models"]:
         for set_name, values in entry["sets"].items():
-            cost, unit = paper_cost(entry, set_name)
+            cost, unit = paper_cost(entry, set_name, declared[entry["name"]]["experiment"], scale)
             records.append({"scale": scale, "model": entry["name"], **{k: declared[entry["name"]][k] for k in
                             ("experiment", "role")}, "set": set_name, "n_images": values["n_images"],
                             "psnr_y": values["psnr_y"], "ssim_y": values["ssim_y"],
