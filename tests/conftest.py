@@ -1,5 +1,10 @@
 """Shared test set-up: one torch thread, one cache of the sample set per session, an environment free of the
-user's W&B and launcher settings, and the range check for PSNRs of short training runs."""
+user's W&B and launcher settings, the range check for PSNRs of short training runs, and the test tiers.
+
+Tiers (markers registered in pyproject.toml): every test carries exactly one of ``unit``, ``integration``, ``e2e``,
+``ddp``, ``gpu``: a module-level ``pytestmark`` where a file is one tier, a decorator per test where it is mixed.
+``gpu`` is the ``requires_cuda`` marker: without CUDA those tests are skipped here, with one reason. The fast
+developer loop is ``pytest -m "not e2e and not ddp"`` (``make test-fast``); ``make test`` runs every tier."""
 
 from __future__ import annotations
 
@@ -39,6 +44,22 @@ for _key in list(os.environ):
 # W&B's own cache/config/artifact folders default to ~/.cache and ~/.config, shared with every other run.
 for _key in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
     os.environ[_key] = str(_SESSION_DIR / "wandb" / _key.lower())
+
+
+TIERS = ("unit", "integration", "e2e", "ddp", "gpu")
+REQUIRES_CUDA = pytest.mark.skip(reason="needs a CUDA device (gpu tier; requires_cuda)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skips the ``gpu`` tier without CUDA (requires_cuda) and warns about a test with no tier or several, so a
+    test added without a marker shows up in the summary instead of landing in a tier by accident."""
+    cuda = torch.cuda.is_available()
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            item.warn(pytest.PytestWarning(f"{item.nodeid}: needs exactly one tier marker of {TIERS}, has {tiers}"))
+        if "gpu" in tiers and not cuda:
+            item.add_marker(REQUIRES_CUDA)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -13,6 +13,8 @@ from effsr.archs import CARN, CARNM, EDSR, FSRCNN, LEDSR, RCAN, BicubicSR, FSRCN
 from effsr.methods.classsr import ClassSRNet
 from effsr.methods.smsr import SMSR
 
+pytestmark = pytest.mark.unit
+
 # Small configurations for forward passes (published widths are checked on the meta device below).
 SMALL = {
     EDSR: {"num_features": 8, "num_blocks": 2},

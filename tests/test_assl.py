@@ -52,6 +52,7 @@ def randomise_gammas(network: nn.Module) -> None:
                 module.bias.add_(torch.randn(module.bias.shape, generator=generator) * 0.1)
 
 
+@pytest.mark.unit
 def test_analysis_matches_ledsr_declaration() -> None:
     network = small_ledsr(blocks=4)
     structure = analyze_channels(network)
@@ -63,6 +64,7 @@ def test_analysis_matches_ledsr_declaration() -> None:
     assert all(group.consumers == [group.key.replace("conv1", "conv2")] for group in structure.free)
 
 
+@pytest.mark.unit
 def test_analysis_never_prunes_convs_feeding_pixel_shuffle() -> None:
     torch.manual_seed(0)
     structure = analyze_channels(EDSR(4, num_features=8, num_blocks=2))
@@ -72,6 +74,7 @@ def test_analysis_never_prunes_convs_feeding_pixel_shuffle() -> None:
         "blocks.1.conv1")
 
 
+@pytest.mark.unit
 def test_weight_norm_identity() -> None:
     network = small_ledsr()
     lr = torch.rand(2, 3, 12, 10)
@@ -84,6 +87,7 @@ def test_weight_norm_identity() -> None:
     torch.testing.assert_close(network(lr), dense_output, atol=1e-6, rtol=0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("channels", "ratio", "keep", "multiple", "expected"), [
     (256, 0.80859375, None, None, 49), (256, None, 49, None, 49), (256, 0.80859375, None, 8, 48),
     (256, 0.80859375, None, 16, 48), (256, None, 52, 8, 56), (4, 0.99, None, None, 1), (16, 0.5, None, None, 8),
@@ -93,6 +97,7 @@ def test_num_kept(channels: int, ratio: float | None, keep: int | None, multiple
     assert num_kept(channels, ratio, keep, multiple) == expected
 
 
+@pytest.mark.unit
 def test_constrained_ranking_first_or_sum() -> None:
     network = small_ledsr(features=8, blocks=2)
     structure = analyze_channels(network)
@@ -106,6 +111,7 @@ def test_constrained_ranking_first_or_sum() -> None:
     assert compute_plan(network, structure, keep=4, ranking="sum")["head"] == [0, 1, 2, 3]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("architecture", ["ledsr", "edsr"])
 def test_pruned_equals_masked(architecture: str) -> None:
     torch.manual_seed(0)
@@ -134,6 +140,7 @@ def test_pruned_equals_masked(architecture: str) -> None:
     assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in network.parameters()) / 2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("architecture", ["ledsr", "edsr"])
 def test_deploy_network_folds_and_fuses_without_changing_the_output(architecture: str) -> None:
     torch.manual_seed(0)
@@ -154,6 +161,7 @@ def test_deploy_network_folds_and_fuses_without_changing_the_output(architecture
     assert "relu" not in code and "mul" not in code and " + " not in code.split("head")[-1]
 
 
+@pytest.mark.unit
 def test_growing_l2_schedule_values() -> None:
     growth = GrowingL2(interval=20, step=1e-4, limit=5e-4)
     assert growth.alpha("a", 100) == 0.0
@@ -174,6 +182,7 @@ def test_growing_l2_schedule_values() -> None:
     assert restored.alpha("b", 500) == growth.alpha("b", 500)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("threshold", ["kept", "detached"])
 def test_ssa_loss_rewards_alignment(threshold: str) -> None:
     base = torch.linspace(0.1, 1.0, 8)
@@ -199,6 +208,7 @@ def make_module(**options: object) -> ASSLModule:
                       reg_limit=0.3, **options)
 
 
+@pytest.mark.unit
 def test_module_phases_penalty_and_condition() -> None:
     module = make_module()
     lr, hr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 16, 16)
@@ -226,6 +236,7 @@ def test_module_phases_penalty_and_condition() -> None:
         module.enter_phase("regularize", {})
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("stage_phases", [["ssa"], ["ssa", "regularize", "prune"]])
 def test_plan_round_trip_through_checkpoint(stage_phases: list[str], tmp_path: Path) -> None:
     module = make_module(keep=5, keep_multiple_of=None)
@@ -280,6 +291,7 @@ def _trainer_module() -> ASSLModule:
                       reg_interval=1, reg_step=0.1, reg_limit=0.3)
 
 
+@pytest.mark.integration
 def test_trainer_runs_all_phases_and_resumes_in_wn_and_compact_stages(tmp_path: Path) -> None:
     loader = torch.utils.data.DataLoader(_RandomPatches(), batch_size=4)
     trainer, schedule = _phase_trainer(tmp_path / "run")
@@ -300,6 +312,7 @@ def test_trainer_runs_all_phases_and_resumes_in_wn_and_compact_stages(tmp_path: 
         assert conv_shapes(resumed.network) == conv_shapes(module.network)
 
 
+@pytest.mark.e2e
 def test_tiny_config_runs_every_phase_then_test_and_profile(tmp_path: Path, no_wandb_credentials: Path,
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             assert_psnr_in_range: Callable[[float], None]) -> None:
@@ -361,6 +374,7 @@ def _eval_module(stage: str) -> ASSLModule:
     return module.eval()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("stage", ["dense", "wn", "compact"])
 def test_infer_uses_cached_fused_network_and_rebuilds_when_weights_change(stage: str) -> None:
     module = _eval_module(stage)
@@ -416,6 +430,7 @@ def test_infer_uses_cached_fused_network_and_rebuilds_when_weights_change(stage:
         assert torch.equal(module.infer(lr), plain)
 
 
+@pytest.mark.unit
 def test_infer_cache_follows_phase_change_and_pruning() -> None:
     module = _eval_module("wn")
     lr = torch.rand(2, 3, 9, 7) * 255.0
@@ -432,6 +447,7 @@ def test_infer_cache_follows_phase_change_and_pruning() -> None:
     assert (fused - plain).abs().max().item() <= 1e-4 * 255.0
 
 
+@pytest.mark.unit
 def test_deploy_network_materialises_weight_norm_and_leaves_shared_convs_alone() -> None:
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -39,6 +39,7 @@ def ssa_gradient_by_hand(gammas: np.ndarray, num_pruned: int) -> np.ndarray:
     return grad
 
 
+@pytest.mark.unit
 def test_ssa_threshold_gradient_lands_on_the_boundary_filter() -> None:
     generator = torch.Generator().manual_seed(3)
     values = torch.rand(4, 16, generator=generator, dtype=torch.float64) + 0.05
@@ -64,6 +65,7 @@ def test_ssa_threshold_gradient_lands_on_the_boundary_filter() -> None:
     assert not np.allclose(grads, by_hand)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("repick", [True, False])
 def test_free_layers_are_repicked_when_ssa_ends(repick: bool) -> None:
     module = tiny_module(repick_after_ssa=repick)
@@ -106,6 +108,7 @@ class _AdamRecorder(lightning.Callback):
         self.seen[trainer.global_step] = (id(optimizer), exp_avg, float(state.get("step", 0)))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("keep", [True, False])
 def test_adam_state_is_kept_through_the_pruning_phases(keep: bool, tmp_path: Path) -> None:
     module = tiny_module(optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
@@ -128,6 +131,7 @@ def test_adam_state_is_kept_through_the_pruning_phases(keep: bool, tmp_path: Pat
         assert new_exp_avg.numel() == 0 and after.seen[3][2] == 1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("weight_norm", ["all", "pruned"])
 def test_weight_norm_covers_every_conv_including_the_upsampler(weight_norm: str) -> None:
     module = tiny_module(weight_norm=weight_norm)
@@ -153,6 +157,7 @@ def test_weight_norm_covers_every_conv_including_the_upsampler(weight_norm: str)
     assert type(tail) is nn.Conv2d and tail.out_channels == 3 * 2 * 2 and tail.in_channels == 4
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_paper_configs_use_the_official_lengths(scale: int) -> None:
     config = yaml.safe_load((REPO / f"experiments/assl_x{scale}.yaml").read_text())

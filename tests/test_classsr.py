@@ -27,11 +27,13 @@ from effsr.methods.classsr import (
 )
 
 
+@pytest.mark.unit
 def test_classifier_outputs_logits_per_patch() -> None:
     logits = Classifier(num_classes=3)(torch.rand(5, 3, 32, 32))
     assert logits.shape == (5, 3)
 
 
+@pytest.mark.unit
 def test_losses_prefer_one_hot_and_balance() -> None:
     one_hot = torch.eye(3)
     uniform = torch.full((3, 3), 1 / 3)
@@ -49,6 +51,7 @@ def _worker(rank: int, store: str, probabilities: torch.Tensor, results: dict) -
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.ddp
 def test_average_loss_uses_global_batch_under_ddp(tmp_path: Path) -> None:
     torch.manual_seed(0)
     probabilities = torch.softmax(torch.randn(8, 3), dim=1)
@@ -65,6 +68,7 @@ def test_average_loss_uses_global_batch_under_ddp(tmp_path: Path) -> None:
         assert torch.allclose(results[rank][1] / 2, reference.grad.chunk(2)[rank], atol=1e-6)
 
 
+@pytest.mark.unit
 def test_phases_select_trainable_parameters() -> None:
     from effsr.archs import FSRCNN
     from effsr.methods.classsr import ClassSRModule, ClassSRNet
@@ -91,6 +95,7 @@ def _tiny_module(**kwargs: object) -> ClassSRModule:
     return ClassSRModule(network=network, **kwargs)
 
 
+@pytest.mark.unit
 def test_split_by_score_equal_classes_descending_thresholds() -> None:
     scores = np.array([30.0, 40.0, 20.0, 35.0, 25.0, np.inf, 22.0, 31.0])
     labels, thresholds = split_by_score(scores, 3)
@@ -111,6 +116,7 @@ def _hr_folder(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.unit
 def test_split_is_cached_reused_and_invalidated_by_new_weights(tmp_path: Path) -> None:
     from effsr.data import SRDataModule
 
@@ -134,6 +140,7 @@ def test_split_is_cached_reused_and_invalidated_by_new_weights(tmp_path: Path) -
     assert other.compute_split(datamodule)["cached"]                  # same init weights -> same key
 
 
+@pytest.mark.unit
 def test_routed_inference_equals_per_patch_loop_and_counts_macs() -> None:
     module = _tiny_module(stride=28).eval()
     with torch.no_grad():
@@ -158,6 +165,7 @@ def test_routed_inference_equals_per_patch_loop_and_counts_macs() -> None:
     assert wide.macs == pytest.approx(forced._image_record(wide, wide.sr, wide.sr)["macs"], rel=1e-9)
 
 
+@pytest.mark.e2e
 def test_tiny_pipeline_all_phases_then_test_routed_costs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          assert_psnr_in_range: Callable[[float], None]) -> None:
     import effsr.cli as cli
@@ -214,6 +222,7 @@ def test_tiny_pipeline_all_phases_then_test_routed_costs(tmp_path: Path, monkeyp
     assert report["macs_720p_wide"] == routed["wide_720p"] < report["macs_720p_soft_mixture"]
 
 
+@pytest.mark.ddp
 def test_ddp_two_processes_split_and_classifier_phase(tmp_path: Path) -> None:
     from effsr.cli import load_module_from_config
 
@@ -242,6 +251,7 @@ def test_ddp_two_processes_split_and_classifier_phase(tmp_path: Path) -> None:
             assert torch.equal(value, initial[f"network.{key}"]), key
 
 
+@pytest.mark.unit
 def test_resume_restores_split_and_trainable_set_of_the_phase() -> None:
     module = _tiny_module()
     labels = torch.tensor([0, 1, 2, 2, 1, 0], dtype=torch.uint8)
@@ -291,6 +301,7 @@ def _expected_routed_cost(network: ClassSRNet, proportions: list[float], classif
             "soft_mixture": sum(branch_720p) + count_macs(network.classifier, torch.zeros(1, 3, 180, 320))}
 
 
+@pytest.mark.unit
 def test_profile_headline_is_the_routed_cost_at_the_class_proportions() -> None:
     from effsr.profile import format_profile_table, profile_network
 

@@ -39,6 +39,7 @@ def _network(widths: tuple[int, int, int] = (4, 6, 8)) -> ClassSRNet:
 
 
 # ------------------------------------------------------------------ architecture and initialisation
+@pytest.mark.unit
 def test_official_fsrcnn_variant_matches_a_hand_count_of_the_official_module() -> None:
     from effsr.archs import FSRCNNOfficial
 
@@ -56,6 +57,7 @@ def test_official_fsrcnn_variant_matches_a_hand_count_of_the_official_module() -
     assert network(torch.zeros(1, 3, 8, 8)).shape == (1, 3, 32, 32)
 
 
+@pytest.mark.unit
 def test_classifier_convs_start_kaiming_times_point_one_with_zero_bias() -> None:
     torch.manual_seed(0)
     classifier = Classifier()
@@ -70,6 +72,7 @@ def test_classifier_convs_start_kaiming_times_point_one_with_zero_bias() -> None
 
 
 # ------------------------------------------------------------------ split options
+@pytest.mark.unit
 def test_fixed_thresholds_assign_classes_as_the_official_divide_script() -> None:
     scores = np.array([40.0, 35.15, 35.0, 27.17, 27.0, np.inf, 10.0])
     # official: psnr >= 35.15 -> class 1 (narrow); 27.17 <= psnr < 35.15 -> class 2; psnr < 27.17 -> class 3
@@ -77,6 +80,7 @@ def test_fixed_thresholds_assign_classes_as_the_official_divide_script() -> None
     assert split_by_thresholds(scores, [35.15, 27.17]).tolist() == [0, 0, 1, 1, 2, 0, 2]
 
 
+@pytest.mark.unit
 def test_flush_crop_only_past_the_official_48_px_strip() -> None:
     from effsr.data.datasets import grid_positions
 
@@ -92,6 +96,7 @@ def test_flush_crop_only_past_the_official_48_px_strip() -> None:
     assert grid_positions(250, 32, 16).tolist()[-1] == 250 - 32  # default 0: any strip gets the flush crop
 
 
+@pytest.mark.unit
 def test_split_thresholds_option_needs_k_minus_one_values() -> None:
     with pytest.raises(ConfigError, match="split_thresholds needs 2 values"):
         ClassSRModule(_network(), split_thresholds=[30.0])
@@ -123,6 +128,7 @@ def _direct_scores(network: nn.Module, datamodule) -> np.ndarray:  # noqa: ANN00
     return np.array(values)
 
 
+@pytest.mark.unit
 def test_split_model_scores_the_split_and_fixed_thresholds_cut_it(tmp_path: Path) -> None:
     datamodule = _datamodule(tmp_path)
     datamodule.setup("fit")
@@ -170,6 +176,7 @@ class _RunsAShellCommand:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.unit
 def test_reference_checkpoint_is_not_read_in_init_and_a_code_pickle_is_refused(tmp_path: Path) -> None:
     ClassSRModule(_network(), reference_checkpoint=str(tmp_path / "missing.ckpt"))  # no I/O at instantiation
     marker, evil = tmp_path / "pwned", tmp_path / "evil.ckpt"
@@ -180,6 +187,7 @@ def test_reference_checkpoint_is_not_read_in_init_and_a_code_pickle_is_refused(t
     assert not marker.exists()
 
 
+@pytest.mark.unit
 def test_params_under_force_branch_count_the_branch_that_runs() -> None:
     network = _network()
     module = ClassSRModule(network, force_branch=1)
@@ -187,6 +195,7 @@ def test_params_under_force_branch_count_the_branch_that_runs() -> None:
     assert ClassSRModule(network).cost_report()["params"] == count_params(network)
 
 
+@pytest.mark.integration
 def test_loaded_reference_is_split_unchanged_and_kept_as_its_own_evaluable_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import effsr.cli as cli
@@ -240,6 +249,7 @@ def test_loaded_reference_is_split_unchanged_and_kept_as_its_own_evaluable_check
 
 
 # ------------------------------------------------------------------ paper configs and the harness
+@pytest.mark.unit
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=[path.stem for path in PAPER_CONFIGS])
 def test_paper_configs_default_to_the_official_recipe(path: Path) -> None:
     text = path.read_text()
@@ -262,6 +272,7 @@ def test_paper_configs_default_to_the_official_recipe(path: Path) -> None:
         assert model["split_model"] == "runs/classsr_msrresnet_x4/reference/reference.ckpt"
 
 
+@pytest.mark.unit
 def test_harness_declares_classsr_against_its_minus_o_model() -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from _reproduce_experiments import EXPERIMENTS

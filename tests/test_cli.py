@@ -33,6 +33,7 @@ def _wandb_summary(run_dir: Path) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.e2e
 def test_wandb_offline_without_credentials_and_rerun_in_same_folder(
     tmp_path: Path, no_wandb_credentials: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -63,6 +64,7 @@ _NOISE = (
 )
 
 
+@pytest.mark.e2e
 def test_console_output_is_free_of_known_noise(tmp_path: Path, no_wandb_credentials: Path) -> None:
     """`effsr fit` of the tiny SMSR experiment (relative W&B save dir, phase schedule) prints the useful lines
     only; its dumped config.yaml loads again."""
@@ -83,6 +85,7 @@ def test_console_output_is_free_of_known_noise(tmp_path: Path, no_wandb_credenti
     assert "SMSRModule" in reload.stdout and "plugins: null" in reload.stdout
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("plugins", [[], ["lightning.fabric.plugins.environments.LightningEnvironment"],
                                      ["lightning.pytorch.plugins.io.TorchCheckpointIO"],
                                      ["lightning.pytorch.plugins.io.AsyncCheckpointIO"]])
@@ -94,6 +97,7 @@ def test_checkpoints_are_atomic_whatever_the_plugins(plugins: list[str]) -> None
     assert isinstance(checkpoint_io, AtomicCheckpointIO)
 
 
+@pytest.mark.e2e
 def test_config_typo_names_the_option(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "effsr.cli", "fit", "--config", str(TINY), "--trainer.default_root_dir", str(tmp_path),
@@ -107,6 +111,7 @@ def _last_error_line(capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("option", "expected"), [
     ("--model.init_args.sparsity_wieght", "option model.init_args.sparsity_wieght is not accepted by "
      "effsr.methods.smsr.SMSRModule; did you mean model.init_args.sparsity_weight"),
@@ -121,6 +126,7 @@ def test_option_typo_is_the_last_line_with_the_closest_names(option: str, expect
     assert len(err) == 1 and err[-1].startswith(f"effsr: error: {expected}")  # no usage dump before it
 
 
+@pytest.mark.integration
 def test_missing_member_checkpoint_names_the_file_and_its_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -141,12 +147,14 @@ def test_missing_member_checkpoint_names_the_file_and_its_command(
         "effsr: error: model.init_args.dense_checkpoint: checkpoint dense.ckpt does not exist")
 
 
+@pytest.mark.integration
 def test_no_arguments_lists_experiments(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 0
     output = capsys.readouterr().out
     assert "effsr fit --config" in output and "bicubic_x4.yaml" in output
 
 
+@pytest.mark.e2e
 def test_wheel_ships_the_experiment_configs(tmp_path: Path) -> None:
     """A wheel built from the sources holds every YAML of experiments/ under effsr/experiments/."""
     import shutil
@@ -171,6 +179,7 @@ def test_wheel_ships_the_experiment_configs(tmp_path: Path) -> None:
             "effsr/experiments/trainer/ddp.yaml", "effsr/configs/demo.yaml"} <= shipped
 
 
+@pytest.mark.integration
 def test_packaged_configs_by_name_from_a_folder_without_experiments(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -205,6 +214,7 @@ def restore_threads() -> Iterator[int]:
     torch.set_num_threads(before)
 
 
+@pytest.mark.unit
 def test_threads_option_then_omp_num_threads_then_torch_default(
     restore_threads: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -224,6 +234,7 @@ def test_threads_option_then_omp_num_threads_then_torch_default(
         apply_thread_count(0)
 
 
+@pytest.mark.e2e
 def test_sigterm_exits_nonzero_and_last_checkpoint_resumes(tmp_path: Path) -> None:
     """`kill <pid>` of a running `effsr fit`: exit 143 (not 0), and `--ckpt_path last` resumes the run."""
     root = tmp_path / "run"
@@ -260,6 +271,7 @@ class _NaNNet(torch.nn.Module):
         return torch.nn.functional.interpolate(x, scale_factor=2) * float("nan")
 
 
+@pytest.mark.integration
 def test_nan_loss_stops_with_a_clear_message() -> None:
     module = SRModule(_NaNNet())
     batch = {"lr": torch.rand(1, 3, 8, 8), "hr": torch.rand(1, 3, 16, 16)}
@@ -283,6 +295,7 @@ def _write_hr_set(folder: Path, count: int) -> Path:
     return folder
 
 
+@pytest.mark.ddp
 def test_ddp_checkpoint_and_metrics_match_single_process(tmp_path: Path) -> None:
     hr_set = _write_hr_set(tmp_path / "OddSet", 5)
     common = ["--config", str(TINY), "--trainer.logger=false", f"--data.test_sets=[{hr_set}]"]
@@ -305,6 +318,7 @@ def test_ddp_checkpoint_and_metrics_match_single_process(tmp_path: Path) -> None
     assert single["psnr_y"] == pytest.approx(np.mean([v["psnr_y"] for v in single["images"].values()]), abs=1e-9)
 
 
+@pytest.mark.e2e
 def test_predict_tiles_large_images_and_writes_pngs(tmp_path: Path) -> None:
     from skimage import data
 
@@ -319,6 +333,7 @@ def test_predict_tiles_large_images_and_writes_pngs(tmp_path: Path) -> None:
     assert read_image(out / "coffee.png").shape == (300, 340, 3)
 
 
+@pytest.mark.e2e
 def test_profile_edsr_baseline_json(tmp_path: Path) -> None:
     run = _run("profile", "--config", str(REPO / "experiments" / "edsr_baseline_x4.yaml"), "--json", "--runs", "1",
                "--lr_size", "24", "24", cwd=tmp_path)
@@ -328,6 +343,7 @@ def test_profile_edsr_baseline_json(tmp_path: Path) -> None:
     assert report["macs_720p"] > 100e9
 
 
+@pytest.mark.integration
 def test_profile_reads_a_runs_own_config_and_checkpoint_safely(tmp_path: Path) -> None:
     """`effsr profile --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt` (the saved config holds
     `ckpt_path`), weights loaded through effsr.weights; a checkpoint whose pickle needs code is refused."""
@@ -363,6 +379,7 @@ def _conventions_sets() -> list[Path]:
     return []
 
 
+@pytest.mark.ddp
 def test_bicubic_x4_config_reproduces_table_and_ddp_is_identical(tmp_path: Path) -> None:
     """`effsr test` of experiments/bicubic_x4.yaml: conventions.md's table (when Set5/Set14 are here, else a
     generated set checked against the functional metrics in float64), and 2-process DDP gives identical numbers."""
@@ -398,6 +415,7 @@ def test_bicubic_x4_config_reproduces_table_and_ddp_is_identical(tmp_path: Path)
             assert expected["ssim_y"] == pytest.approx(ssim(sr, to_tensor(hr), 4, True).item(), abs=1e-5)
 
 
+@pytest.mark.integration
 def test_repeated_test_runs_keep_earlier_results(tmp_path: Path) -> None:
     """A second `effsr test` into the same folder keeps the first run's test_results.json in the history."""
     from effsr.archs import BicubicSR

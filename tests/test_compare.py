@@ -84,6 +84,7 @@ def _wandb_summary(run_dir: Path) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.e2e
 def test_compare_evaluates_bicubic_and_checkpoints_with_one_protocol(
     fabricated: dict[str, Path], tmp_path: Path, no_wandb_credentials: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -135,6 +136,7 @@ def test_compare_evaluates_bicubic_and_checkpoints_with_one_protocol(
     assert summary["first/fabset/psnr_y"] == pytest.approx(models["first"]["sets"]["fabset"]["psnr_y"])
 
 
+@pytest.mark.integration
 def test_compare_errors_name_the_problem(fabricated: dict[str, Path], tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     base = ["--test_sets", f"[{fabricated['hr']}]", "--output_dir", str(tmp_path)]
@@ -153,6 +155,7 @@ def test_compare_errors_name_the_problem(fabricated: dict[str, Path], tmp_path: 
     assert not (tmp_path / "compare.json").exists()
 
 
+@pytest.mark.unit
 def test_pareto_front_and_opencv_plot_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     points = [("a", 1.0, 30.0), ("b", 0.1, 28.0), ("c", 2.0, 29.0), ("d", 5.0, 31.0), ("e", 0.0, 27.0)]
     assert [name for name, _, _ in pareto_front(points)] == ["e", "b", "a", "d"]
@@ -176,6 +179,7 @@ def _load_harness(name: str) -> ModuleType:
     return module
 
 
+@pytest.mark.unit
 def test_reproduce_summary_reports_mean_sd_and_whether_the_gap_exceeds_the_spread() -> None:
     report = _load_harness("_reproduce_report")
 
@@ -193,6 +197,7 @@ def test_reproduce_summary_reports_mean_sd_and_whether_the_gap_exceeds_the_sprea
     assert "effect not shown" in report.reading(("m", "b"), close)[0]
 
 
+@pytest.mark.e2e
 def test_reproduce_smoke_on_fresh_clone_defaults_then_cached(fabricated: dict[str, Path], tmp_path: Path) -> None:
     """The harness end to end with its defaults (sample set), then a rerun on another test set: nothing trains."""
     work, docs = tmp_path / "work", tmp_path / "docs" / "reproduction.md"
@@ -223,6 +228,7 @@ def test_reproduce_smoke_on_fresh_clone_defaults_then_cached(fabricated: dict[st
     assert docs.read_text().count("<!-- reproduce:smoke begin -->") == 1
 
 
+@pytest.mark.integration
 def test_model_arguments_resolve_names_and_run_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from effsr.compare import parse_models
 

@@ -67,11 +67,13 @@ def _params() -> list[Any]:
     ]
 
 
+@pytest.mark.unit
 def test_method_classes_are_found() -> None:
     names = {cls.__qualname__ for cls in _method_classes()}
     assert {"ASSLModule", "SMSRModule", "ClassSRModule", "NMSparsityModule"} <= names
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cls", _params())
 def test_no_method_class_defines_a_lightning_hook(cls: type) -> None:
     own = sorted(name for klass in cls.__mro__ if klass.__module__.startswith("effsr.methods")
@@ -81,6 +83,7 @@ def test_no_method_class_defines_a_lightning_hook(cls: type) -> None:
                      "on_checkpoint_loaded, on_fit_begin, on_phase_resumed; docs/design.md)")
 
 
+@pytest.mark.unit
 def test_srmodule_lightning_hooks_are_final() -> None:
     defined = [name for klass in SRModule.__mro__ if klass.__module__.startswith("effsr.models")
                for name in vars(klass) if name in LIGHTNING_HOOKS and name != "forward"]
@@ -160,6 +163,7 @@ def _names(calls: list[tuple[Any, ...]]) -> list[str]:
     return [call[0] for call in calls]
 
 
+@pytest.mark.unit
 def test_configure_optimizers_builds_scheduler_then_adjusts() -> None:
     module = Recorder(_Net(), lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 10))
     module.phase_settings = {"lr": 0.01}
@@ -173,6 +177,7 @@ def test_configure_optimizers_builds_scheduler_then_adjusts() -> None:
     assert isinstance(plain.configure_optimizers(), torch.optim.Adam)  # no scheduler: the optimizer alone
 
 
+@pytest.mark.unit
 def test_checkpoint_loaded_after_structure_and_phase_also_without_effsr_state() -> None:
     source = Recorder(_Net())
     source.phase_name, source.phase_settings = "second", {"trainable": ["network.conv"]}
@@ -187,6 +192,7 @@ def test_checkpoint_loaded_after_structure_and_phase_also_without_effsr_state() 
     assert converted.calls == [("on_checkpoint_loaded", None, {})]
 
 
+@pytest.mark.unit
 def test_fit_begin_and_after_optimizer_step_call_points() -> None:
     module = Recorder(_Net())
     module.on_train_start()
@@ -210,6 +216,7 @@ def _fit(module: Recorder, root: Path, max_steps: int, ckpt_path: str | None = N
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
 
+@pytest.mark.integration
 def test_hooks_in_a_fit_and_a_resume_inside_a_phase(tmp_path: Path) -> None:
     """3 steps per epoch: sanity check, phase 'first' (2 steps), 'second' entered at step 2, validation after the
     epoch; the resume from the epoch-end checkpoint (step 3, inside 'second') reports the phase as resumed."""
@@ -245,6 +252,7 @@ def test_hooks_in_a_fit_and_a_resume_inside_a_phase(tmp_path: Path) -> None:
     assert names.count("on_setup") == 1 and _names(resumed.calls).count("on_setup") == 1
 
 
+@pytest.mark.unit
 def test_assl_instantiates_without_its_dense_checkpoint_and_loads_it_at_setup(tmp_path: Path) -> None:
     """No I/O in __init__: the config builds without the file; on_setup loads it (safe loader), once."""
     from effsr.archs import LEDSR
@@ -269,6 +277,7 @@ def test_assl_instantiates_without_its_dense_checkpoint_and_loads_it_at_setup(tm
 KNOWN_WANDB_IMPORTS = {"effsr/methods/nm_sparsity/module.py"}
 
 
+@pytest.mark.unit
 def test_only_effsr_loggers_imports_wandb() -> None:
     """W&B-specific code lives in effsr/loggers.py; everything else describes what to log through it."""
     package = Path(effsr.methods.__file__).parents[1]

@@ -18,6 +18,8 @@ from effsr.cost import (
     macs_per_lr_patch,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def meta(cls: type[nn.Module], scale: int, **kwargs: object) -> nn.Module:
     with torch.device("meta"):

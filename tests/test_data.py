@@ -54,6 +54,7 @@ def sample_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ io
+@pytest.mark.unit
 def test_read_image_converts_gray_rgba_16bit_and_palette(tmp_path: Path) -> None:
     rgb = photo(20, 24)
     gray = rgb[:, :, 0]
@@ -76,6 +77,7 @@ def test_read_image_converts_gray_rgba_16bit_and_palette(tmp_path: Path) -> None
     assert np.array_equal(palette, np.asarray(Image.open(tmp_path / "palette.png").convert("RGB")))
 
 
+@pytest.mark.unit
 def test_read_image_rejects_truncated_corrupt_empty_and_missing(tmp_path: Path) -> None:
     write_image(tmp_path / "whole.png", photo(64, 64))
     data = (tmp_path / "whole.png").read_bytes()
@@ -90,6 +92,7 @@ def test_read_image_rejects_truncated_corrupt_empty_and_missing(tmp_path: Path) 
         read_image(tmp_path / "cut.png")
 
 
+@pytest.mark.unit
 def test_write_image_is_atomic_and_round_trips(tmp_path: Path) -> None:
     image = photo(30, 40)
     write_image(tmp_path / "sub" / "out.png", image)
@@ -108,6 +111,7 @@ def _numpy_dihedral(image: np.ndarray, element: int) -> np.ndarray:
     return image
 
 
+@pytest.mark.unit
 def test_dihedral_augment_is_d4_identical_on_lr_and_hr() -> None:
     lr, hr = photo(12, 16), photo(48, 64)
     reference = A.Transpose(p=1.0)(image=hr)["image"]
@@ -122,6 +126,7 @@ def test_dihedral_augment_is_d4_identical_on_lr_and_hr() -> None:
     assert len(outputs) == 8
 
 
+@pytest.mark.unit
 def test_random_patches_lie_on_the_lr_grid(tmp_path: Path) -> None:
     folder = hr_folder(tmp_path / "hr", [(100, 120), (90, 96)])
     cache = ArrayCache(tmp_path / "cache", scale=2)
@@ -148,6 +153,7 @@ def _batches(loader: DataLoader) -> list[dict[str, torch.Tensor]]:
     return list(loader)
 
 
+@pytest.mark.unit
 def test_streams_differ_across_workers_and_ranks_and_reproduce(tmp_path: Path) -> None:
     folder = hr_folder(tmp_path / "hr", [(96, 96)] * 3)
     entries = ArrayCache(tmp_path / "cache", 2).build_all([PairSource(p.stem, p) for p in sorted(folder.iterdir())])
@@ -180,6 +186,7 @@ def test_streams_differ_across_workers_and_ranks_and_reproduce(tmp_path: Path) -
     assert not torch.equal(dataset[key]["hr"], RandomPatchDataset(entries, 2, 8, seed=12)[key]["hr"])
 
 
+@pytest.mark.unit
 def test_train_sampler_covers_pool_and_honours_subset() -> None:
     sampler = TrainSampler(dataset_size=10, samples_per_epoch=20, seed=0, rank=0, num_replicas=1)
     indices = [key.index for key in sampler]
@@ -195,6 +202,7 @@ def test_train_sampler_covers_pool_and_honours_subset() -> None:
     assert len(TrainSampler(10, 21, rank=1, num_replicas=2)) == 10
 
 
+@pytest.mark.unit
 def test_eval_sampler_two_ranks_odd_count_each_image_once() -> None:
     seen = [index for rank in range(2) for index in EvalSampler(7, rank=rank, num_replicas=2)]
     assert sorted(seen) == list(range(7))
@@ -202,6 +210,7 @@ def test_eval_sampler_two_ranks_odd_count_each_image_once() -> None:
 
 
 # ----------------------------------------------------------------------------------------- grid / ClassSR
+@pytest.mark.unit
 def test_grid_subimages_with_rescales_and_subset(tmp_path: Path) -> None:
     hr_folder(tmp_path / "hr", [(256, 320), (192, 192)])
     module = SRDataModule(
@@ -235,6 +244,7 @@ def test_grid_subimages_with_rescales_and_subset(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- cache
+@pytest.mark.unit
 def test_cache_reused_rebuilt_on_change_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "hr" / "a.png"
     write_image(path, photo(40, 48))
@@ -260,6 +270,7 @@ def test_cache_reused_rebuilt_on_change_and_atomic(tmp_path: Path, monkeypatch: 
     assert not [p for p in cache.folder.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.unit
 def test_official_lr_used_when_present_and_mismatch_names_both(tmp_path: Path) -> None:
     root = tmp_path / "datasets"
     hr = photo(96, 120)
@@ -280,6 +291,7 @@ def test_official_lr_used_when_present_and_mismatch_names_both(tmp_path: Path) -
 
 
 # ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.unit
 def test_bad_sources_raise_clear_errors(tmp_path: Path) -> None:
     def module(**overrides: object) -> SRDataModule:
         settings: dict = {"scale": 2, "val_sets": [], "cache_dir": str(tmp_path / "cache"), "num_workers": 0}
@@ -305,6 +317,7 @@ def test_bad_sources_raise_clear_errors(tmp_path: Path) -> None:
         module(scale=3, train=str(tmp_path / "grid"), train_crop="grid").setup("fit")
 
 
+@pytest.mark.unit
 def test_truncated_training_image_names_the_file(tmp_path: Path) -> None:
     folder = hr_folder(tmp_path / "hr", [(64, 64), (64, 64)])
     data = (folder / "img01.png").read_bytes()
@@ -314,6 +327,7 @@ def test_truncated_training_image_names_the_file(tmp_path: Path) -> None:
         module.prepare_data()
 
 
+@pytest.mark.unit
 def test_image_smaller_than_patch_raises_or_is_skipped(tmp_path: Path) -> None:
     folder = hr_folder(tmp_path / "hr", [(100, 100), (40, 120)])
     settings: dict = {"scale": 2, "train": str(folder), "val_sets": [], "cache_dir": str(tmp_path / "c"),
@@ -325,6 +339,7 @@ def test_image_smaller_than_patch_raises_or_is_skipped(tmp_path: Path) -> None:
     assert len(skipping.train_dataset) == 1
 
 
+@pytest.mark.unit
 def test_hr_lr_folder_pairs_mismatch_and_layout_detection(tmp_path: Path) -> None:
     hr_folder(tmp_path / "MySet" / "HR", [(48, 60)])
     lr = bicubic_degrade(photo(48, 60), 2)[1]
@@ -343,6 +358,7 @@ def test_hr_lr_folder_pairs_mismatch_and_layout_detection(tmp_path: Path) -> Non
 
 
 # ------------------------------------------------------------------------------------------ datamodule
+@pytest.mark.integration
 def test_datamodule_sample_set_end_to_end(sample_cache: Path) -> None:
     module = SRDataModule(scale=4, train="sample", val_sets=["sample"], test_sets=["sample"], lr_patch_size=24,
                           batch_size=4, samples_per_epoch=8, num_workers=0, cache_dir=str(sample_cache),
@@ -366,6 +382,7 @@ def test_datamodule_sample_set_end_to_end(sample_cache: Path) -> None:
     assert len(test_loader) == len(SAMPLE_HELDOUT)
 
 
+@pytest.mark.unit
 def test_predict_folder_or_file(tmp_path: Path) -> None:
     write_image(tmp_path / "lr" / "a.png", photo(17, 23))
     write_image(tmp_path / "lr" / "b.jpg", photo(9, 11))
@@ -383,6 +400,7 @@ def test_predict_folder_or_file(tmp_path: Path) -> None:
         SRDataModule(scale=2, predict_path=str(tmp_path / "none"), val_sets=[], num_workers=0).setup("predict")
 
 
+@pytest.mark.unit
 def test_train_batch_sampler_matches_plain_batching_and_changes_size() -> None:
     sampler = TrainSampler(dataset_size=10, samples_per_epoch=11, seed=3, rank=1, num_replicas=2)  # 5 per rank
     plain = [[key for key in batch] for batch in DataLoader(list(sampler), batch_size=2, collate_fn=list)]
@@ -401,6 +419,7 @@ def test_train_batch_sampler_matches_plain_batching_and_changes_size() -> None:
         batches.set_batch_size(0)
 
 
+@pytest.mark.unit
 def test_datamodule_set_batch_size_without_rebuilding_the_loader(tmp_path: Path) -> None:
     data = SRDataModule(scale=2, train=str(hr_folder(tmp_path / "hr", [(64, 64)] * 2)), lr_patch_size=8,
                         batch_size=2, samples_per_epoch=8, num_workers=0, cache_dir=str(tmp_path / "cache"),
@@ -415,6 +434,7 @@ def test_datamodule_set_batch_size_without_rebuilding_the_loader(tmp_path: Path)
 
 
 # ------------------------------------------------------------------------------------------ eval image sizes
+@pytest.mark.unit
 def test_eval_image_too_small_for_the_protocol_is_a_data_error_naming_it(tmp_path: Path) -> None:
     assert [min_eval_hr_size(scale) for scale in (2, 3, 4)] == [16, 18, 20]
     for scale in (2, 3, 4):  # the minimum is tight: SSIM runs at it and fails one LR pixel below it
@@ -451,6 +471,7 @@ def _eval_lr(entry: str, scale: int, cache: Path) -> tuple[list[str], dict[str, 
     return module.eval_set_names, images
 
 
+@pytest.mark.unit
 def test_classsr_release_layout_uses_its_lr_whichever_folder_is_given(tmp_path: Path) -> None:
     root = tmp_path / "Test2K"
     shipped: dict[tuple[int, str], np.ndarray] = {}
@@ -479,6 +500,7 @@ def test_classsr_release_layout_uses_its_lr_whichever_folder_is_given(tmp_path: 
         _eval_lr(str(root), 4, tmp_path / "c")
 
 
+@pytest.mark.unit
 def test_edsr_benchmark_layout_uses_lr_bicubic_of_the_scale(tmp_path: Path) -> None:
     root = tmp_path / "benchmark" / "Set5"
     hrs = {"baby": photo(36, 48), "bird": photo(48, 36, offset=20)}
@@ -509,6 +531,7 @@ def _two_train_folders(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "A", tmp_path / "B"
 
 
+@pytest.mark.unit
 def test_train_list_concatenates_folders_and_named_sets(tmp_path: Path) -> None:
     first, second = _two_train_folders(tmp_path)
     write_image(tmp_path / "root" / "DIV2K" / "DIV2K_train_HR" / "0001.png", photo(48, 48, offset=90))
@@ -528,6 +551,7 @@ def test_train_list_concatenates_folders_and_named_sets(tmp_path: Path) -> None:
     assert sorted(indices.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # 12 draws = 3 permutations of 4
 
 
+@pytest.mark.unit
 def test_train_list_grid_subimage_indices_are_offsets_of_each_folder(tmp_path: Path) -> None:
     first, second = _two_train_folders(tmp_path)
     settings: dict = {"scale": 2, "val_sets": [], "cache_dir": str(tmp_path / "c"), "num_workers": 0,
@@ -550,6 +574,7 @@ def test_train_list_grid_subimage_indices_are_offsets_of_each_folder(tmp_path: P
     assert scored.tolist() == list(range(both.num_subimages))
 
 
+@pytest.mark.unit
 def test_train_list_errors_name_the_entry(tmp_path: Path) -> None:
     first, _ = _two_train_folders(tmp_path)
     settings: dict = {"scale": 2, "val_sets": [], "cache_dir": str(tmp_path / "c"), "num_workers": 0}
@@ -562,6 +587,7 @@ def test_train_list_errors_name_the_entry(tmp_path: Path) -> None:
         SRDataModule(**settings, train=[]).setup("fit")
 
 
+@pytest.mark.integration
 def test_train_list_parses_on_the_command_line(tmp_path: Path) -> None:
     first, second = _two_train_folders(tmp_path)
     cache = tmp_path / "c"

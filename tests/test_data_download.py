@@ -21,6 +21,8 @@ from effsr.data.download import Archive, download_dataset, download_file, extrac
 from effsr.data.io import read_image, write_image
 from effsr.errors import DataError
 
+pytestmark = pytest.mark.integration
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Serves ``server.files`` with HTTP Range support; ``server.truncate_first`` cuts the first response."""

@@ -97,6 +97,7 @@ def _expected_smsr(network: SMSR, images: dict[str, Tensor]) -> dict[str, float]
     return {"macs_720p": float(np.mean(macs)), "per_image": macs}
 
 
+@pytest.mark.integration
 def test_smsr_cost_is_per_set_and_reset_each_evaluation(tmp_path: Path) -> None:
     flat, noise = _write_set(tmp_path / "Flat", "flat", 3), _write_set(tmp_path / "Noise", "noise", 2)
     module = SMSRModule(TextureSMSR(scale=2), tile_above_pixels=-1)
@@ -157,6 +158,7 @@ def _expected_classsr(module: ClassSRModule, images: dict[str, Tensor]) -> dict:
             "percent_of_wide": 100 * macs / branch_720p[-1]}
 
 
+@pytest.mark.integration
 def test_classsr_shares_and_cost_are_per_set(tmp_path: Path) -> None:
     dark, halves = _write_set(tmp_path / "Dark", "flat", 2, (192, 320)), _write_set(tmp_path / "Halves", "halves", 2,
                                                                                     (192, 320))
@@ -182,6 +184,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env)
 
 
+@pytest.mark.ddp
 def test_ddp_test_gives_single_process_numbers_and_one_table(tmp_path: Path) -> None:
     """2-process gloo `effsr test` (uneven shards: 3 and 2 images) writes the same per-set rows as one process;
     the console shows effsr's table once, on its own lines, and not Lightning's per-dataloader table."""
@@ -214,6 +217,7 @@ def test_ddp_test_gives_single_process_numbers_and_one_table(tmp_path: Path) -> 
     assert rows["single"]["Flat"]["macs_720p"] < rows["single"]["Noise"]["macs_720p"]
 
 
+@pytest.mark.integration
 def test_fit_prints_one_validation_line_per_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With `logger: false` the validation results still reach the console: one line, every set once."""
     flat, noise = _write_set(tmp_path / "Flat", "flat", 1), _write_set(tmp_path / "Noise", "noise", 1)
@@ -228,6 +232,7 @@ def test_fit_prints_one_validation_line_per_validation(tmp_path: Path, capsys: p
     assert summaries[0].startswith("val step 2 | Flat psnr_y ") and " | Noise psnr_y " in summaries[0]
 
 
+@pytest.mark.integration
 def test_y_metrics_are_computed_once_per_image_and_set_means_match(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Evaluation computes Y-PSNR/SSIM once per batch (the records and the torchmetrics states share them): the

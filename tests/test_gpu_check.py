@@ -23,12 +23,14 @@ def _load_gpu_check() -> ModuleType:
     return module
 
 
+@pytest.mark.unit
 def test_mask_2to4_keeps_the_two_largest_magnitudes_of_every_four_inputs() -> None:
     gpu_check = _load_gpu_check()
     weight = torch.tensor([[0.1, -3.0, 2.0, 0.5, 4.0, -0.2, 0.3, -5.0]])
     assert gpu_check.mask_2to4(weight).tolist() == [[0.0, -3.0, 2.0, 0.0, 4.0, 0.0, 0.0, -5.0]]
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU smoke run's skipped CUDA-only lines")
 def test_smoke_run_measures_every_figure_on_cpu_and_skips_cuda_only_ones(tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:

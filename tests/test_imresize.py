@@ -16,6 +16,8 @@ from effsr.ops import bicubic_degrade, imresize, imresize_uint8
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _reference_imresize import reference_imresize, reference_imresize_uint8  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 PHOTOS = {"astronaut": data.astronaut, "coffee": data.coffee, "chelsea": data.chelsea}
 
 

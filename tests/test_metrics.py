@@ -32,6 +32,7 @@ def _naive_psnr_y(sr: np.ndarray, hr: np.ndarray, crop: int) -> float:
     return 10 * math.log10(255**2 / float(np.mean(diff**2)))
 
 
+@pytest.mark.unit
 def test_psnr_matches_naive_and_is_mean_of_per_image() -> None:
     sr, hr = _photo_pair()
     value = psnr(sr, hr, crop_border=2).item()
@@ -43,6 +44,7 @@ def test_psnr_matches_naive_and_is_mean_of_per_image() -> None:
     assert torch.isclose(metric.compute(), per_image.mean())
 
 
+@pytest.mark.unit
 def test_ddp_style_state_sum_and_ssim_range() -> None:
     sr, hr = _photo_pair()
     whole, first, second = PSNR(2), PSNR(2), PSNR(2)
@@ -114,6 +116,7 @@ CASES = [  # kind, (N,C,H,W), crop, y_channel: the minimal 11x11 valid size, odd
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("kind", "shape", "crop", "y_channel"), CASES)
 def test_ssim_equals_the_2d_conv_formula(kind: str, shape: tuple[int, int, int, int], crop: int,
                                          y_channel: bool) -> None:
@@ -124,6 +127,7 @@ def test_ssim_equals_the_2d_conv_formula(kind: str, shape: tuple[int, int, int, 
     assert torch.all((value - expected).abs() <= 1e-12 * expected.abs()), (value, expected)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("chunk_elements", [1, 5 * 3 * 2 * 40])
 def test_ssim_row_chunks_give_the_same_values(monkeypatch: pytest.MonkeyPatch, chunk_elements: int) -> None:
     """Forced chunks of 1 and 2 output rows (the last one shorter) give the one-pass numbers."""
@@ -134,12 +138,14 @@ def test_ssim_row_chunks_give_the_same_values(monkeypatch: pytest.MonkeyPatch, c
     assert torch.all((value - expected).abs() <= 1e-12 * expected.abs())
 
 
+@pytest.mark.unit
 def test_ssim_needs_an_11x11_valid_region() -> None:
     sr, hr = _image_pair("random", (1, 3, 14, 30))
     with pytest.raises(ConfigError, match="crop_border=2"):
         ssim(sr, hr, crop_border=2)
 
 
+@pytest.mark.unit
 def test_rgb_to_y_rounds_like_the_bt601_formula() -> None:
     """The in-place evaluation gives bit-identical Y to the written-out formula."""
     pixels = torch.round(torch.rand(2, 3, 17, 9, dtype=torch.float64) * 255)
@@ -147,6 +153,7 @@ def test_rgb_to_y_rounds_like_the_bt601_formula() -> None:
     assert torch.equal(rgb_to_y(pixels), 16.0 + (65.481 * red + 128.553 * green + 24.966 * blue) / 255.0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_ssim_on_cuda_equals_the_cpu_formula() -> None:
     sr, hr = _image_pair("photo", (2, 3, 130, 161))

@@ -32,6 +32,7 @@ def batch(size: int = 2, lr_side: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     return F.avg_pool2d(hr, 4), hr
 
 
+@pytest.mark.unit
 def test_patch_mac_cost_is_per_image_and_the_fraction_form_is_its_exact_conversion() -> None:
     official = msrresnet_module(cost_unit="patch_macs", cost_weight=1e-10)
     lr, hr = batch(size=3, lr_side=8)
@@ -56,6 +57,7 @@ def test_patch_mac_cost_is_per_image_and_the_fraction_form_is_its_exact_conversi
     assert torch.allclose(gradients[0], gradients[1], rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.unit
 def test_expensive_layers_end_with_smaller_n_under_the_official_regime() -> None:
     """Weights zero and frozen: the L1 loss gives the scores no gradient at all, and every score of every layer
     gets the same forced pull α (a stand-in for an equal L1 preference to keep units). The official cost term's
@@ -105,6 +107,7 @@ def make_layer(dense: int, scores: list[float], m: int = 4) -> NMConv2d:
     return layer
 
 
+@pytest.mark.unit
 def test_fill_budget_adds_the_unit_of_lowest_cost_per_keep_probability() -> None:
     # units: A costs 100/4 = 25, B 400/4 = 100; target 0.5·500 = 250, now 25 + 100 = 125.
     cheap, dear = make_layer(100, [0.4, 1.0, 1.0]), make_layer(400, [0.4, 1.0, 1.0])
@@ -116,6 +119,7 @@ def test_fill_budget_adds_the_unit_of_lowest_cost_per_keep_probability() -> None
     assert fill_budget([cheap, dear], 0.5) == {0: 2, 1: 2}
 
 
+@pytest.mark.unit
 def test_search_ending_above_budget_warns_and_below_budget_is_filled() -> None:
     module = msrresnet_module(budget=0.25)
     with pytest.warns(UserWarning, match="above budget"):
@@ -133,6 +137,7 @@ def test_search_ending_above_budget_warns_and_below_budget_is_filled() -> None:
     assert 0.25 - 9216 / 32 / total <= filled.cost_fraction() <= 0.25
 
 
+@pytest.mark.unit
 def test_ratio_annealing_checks_the_compression_ratio_gain_every_second_record() -> None:
     module = msrresnet_module(anneal_rule="ratio", anneal_threshold=0.2, anneal_factor=1.2)
     module.anneal(1.0)  # ratio 1.0: first record of a pair, no check
@@ -147,6 +152,7 @@ def test_ratio_annealing_checks_the_compression_ratio_gain_every_second_record()
     assert module.anneal_c == pytest.approx(1.44)
 
 
+@pytest.mark.unit
 def test_forward_clamp_leaves_scores_and_gives_none_outside_the_range_a_gradient() -> None:
     for clamp, stored in (("forward", 1.2), ("inplace", 1.03)):
         module = msrresnet_module(score_clamp=clamp)
@@ -163,6 +169,7 @@ def test_forward_clamp_leaves_scores_and_gives_none_outside_the_range_a_gradient
     assert float(layer.scores.grad[0]) == 0.0 and bool((layer.scores.grad[1:] > 0).all())
 
 
+@pytest.mark.unit
 def test_reranking_continues_after_freeze_only_with_rerank_after_freeze() -> None:
     for keep_ranking, moves in ((True, True), (False, False)):
         module = msrresnet_module(rerank_interval=5, rerank_after_freeze=keep_ranking, fill_budget=False)
@@ -179,6 +186,7 @@ def test_reranking_continues_after_freeze_only_with_rerank_after_freeze() -> Non
         assert (not torch.equal(layer.rank, before)) == moves
 
 
+@pytest.mark.unit
 def test_reranking_follows_the_modules_own_step_counter_outside_a_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     original = NMConv2d.rerank
@@ -197,6 +205,7 @@ def test_reranking_follows_the_modules_own_step_counter_outside_a_trainer(monkey
     assert module.structure_state()["nm_step"] == 10
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["nm_carn_x2", "nm_carn_x3", "nm_carn_x4", "nm_edsr_baseline_x2",
                                   "nm_edsr_baseline_x3", "nm_edsr_baseline_x4"])
 def test_paper_configs_carry_the_official_regime(name: str) -> None:
@@ -223,6 +232,7 @@ class _RunsAShellCommand:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.unit
 def test_dense_and_member_files_are_read_safely_in_setup_not_in_init(tmp_path: Path) -> None:
     from effsr.errors import CheckpointError
     from effsr.methods.nm_adaptive import AdaptiveNMModule
@@ -251,6 +261,7 @@ def test_dense_and_member_files_are_read_safely_in_setup_not_in_init(tmp_path: P
     assert torch.equal(layer.rank, NMConv2d.from_conv(dense.upconv1, 32).rank)
 
 
+@pytest.mark.unit
 def test_adaptive_members_rebuild_from_the_checkpoint_without_their_files(tmp_path: Path) -> None:
     from effsr.methods.nm_adaptive import AdaptiveNMModule
 
@@ -277,6 +288,7 @@ def test_adaptive_members_rebuild_from_the_checkpoint_without_their_files(tmp_pa
         assert torch.equal(ours(lr), theirs(lr))
 
 
+@pytest.mark.integration
 def test_configs_instantiate_without_their_files_and_the_old_class_path_loads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import effsr.cli

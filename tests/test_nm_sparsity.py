@@ -43,6 +43,7 @@ def make_layer(m: int = 8, scores: list[float] | None = None) -> NMConv2d:
     return layer
 
 
+@pytest.mark.unit
 def test_mask_has_exactly_n_nonzeros_per_group_and_scores_get_gradients() -> None:
     layer = make_layer(8, [1.0, 0.9, 0.5, 1.0, 1.0, 1.0, 1.0])
     assert layer.n == 3
@@ -55,6 +56,7 @@ def test_mask_has_exactly_n_nonzeros_per_group_and_scores_get_gradients() -> Non
     assert layer.scores.grad is not None and layer.scores.grad.abs().sum() > 0
 
 
+@pytest.mark.unit
 def test_priority_ordering_keeps_unit_only_if_all_more_important_kept() -> None:
     torch.manual_seed(1)
     for _ in range(50):
@@ -65,6 +67,7 @@ def test_priority_ordering_keeps_unit_only_if_all_more_important_kept() -> None:
         assert int(keep.sum()) == layer.n
 
 
+@pytest.mark.unit
 def test_straight_through_estimator_value_is_hard_gradient_is_soft() -> None:
     layer = make_layer(4, [0.9, 0.5, 1.0])
     keep = layer.unit_keep()
@@ -75,6 +78,7 @@ def test_straight_through_estimator_value_is_hard_gradient_is_soft() -> None:
     assert torch.allclose(layer.scores.grad, scores.grad)
 
 
+@pytest.mark.unit
 def test_annealing_multiplies_c_when_compression_stalls() -> None:
     module = NMSparsityModule(tiny_edsr(), m=8, anneal_threshold=0.05, anneal_factor=1.2)
     module._anneal_reference = 1.0
@@ -134,6 +138,7 @@ def force_pattern(module: NMSparsityModule, pattern: dict[str, int]) -> None:
     assert module.pattern() == pattern
 
 
+@pytest.mark.unit
 def test_cost_term_lowers_every_score_and_search_runs_while_above_budget() -> None:
     module = NMSparsityModule(tiny_edsr(), m=8, budget=0.25, score_lr=0.05)
     assert set(module.layers()) == set(DENSE_NM_LAYERS)
@@ -147,6 +152,7 @@ def test_cost_term_lowers_every_score_and_search_runs_while_above_budget() -> No
     assert min(module.pattern().values()) >= 5 and not module.phase_condition("budget_reached")
 
 
+@pytest.mark.unit
 def test_budget_reached_ends_search_and_finetune_freezes_that_pattern() -> None:
     module = NMSparsityModule(tiny_edsr(), m=8, budget=0.25, score_lr=0.05, anneal_interval=5,
                               rerank_interval=5, fill_budget=False)  # the fill: tests/test_nm_official.py
@@ -172,6 +178,7 @@ def test_budget_reached_ends_search_and_finetune_freezes_that_pattern() -> None:
     assert torch.allclose(export_masked(module.network)(x), module.network(x), atol=1e-6)
 
 
+@pytest.mark.unit
 def test_reported_macs_are_n_over_m_of_dense() -> None:
     from effsr.cost import count_macs
 
@@ -181,6 +188,7 @@ def test_reported_macs_are_n_over_m_of_dense() -> None:
     assert count_macs(layer, x) == dense * 2 // 8
 
 
+@pytest.mark.unit
 def test_checkpoint_smaller_than_twice_dense(tmp_path: Path) -> None:
     network = CARN(4, num_features=32)
     torch.save(network.state_dict(), tmp_path / "dense.pt")
@@ -191,6 +199,7 @@ def test_checkpoint_smaller_than_twice_dense(tmp_path: Path) -> None:
     assert all(layer.rank.dtype == torch.uint8 for layer in nm_layers(module.network).values())
 
 
+@pytest.mark.unit
 def test_baselines_have_uniform_fixed_n() -> None:
     for mode in ("oneshot", "srste"):
         module = NMSparsityModule(tiny_edsr(), m=8, budget=0.25, mode=mode, rerank_interval=1)
@@ -204,6 +213,7 @@ def test_baselines_have_uniform_fixed_n() -> None:
     assert (layer.weight.grad != 0).float().mean() > 0.9
 
 
+@pytest.mark.unit
 def test_semi_structured_export_needs_cuda() -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the experimental 2:4 path is exercised on GPU machines only by hand")
@@ -212,6 +222,7 @@ def test_semi_structured_export_needs_cuda() -> None:
         to_semi_structured_2to4(module.network)
 
 
+@pytest.mark.unit
 def test_routing_choice_penalty_and_target_cost() -> None:
     members = [tiny_edsr(), tiny_edsr()]
     ensemble = NMEnsemble(members, [1.0, 0.25], patch_size=8, overlap=2)
@@ -225,6 +236,7 @@ def test_routing_choice_penalty_and_target_cost() -> None:
     assert sr.shape == (1, 3, 80, 80)
 
 
+@pytest.mark.unit
 def test_relative_estimates_round_trip_and_reference_is_most_expensive() -> None:
     ensemble = NMEnsemble([tiny_edsr(), tiny_edsr(), tiny_edsr()], [0.3, 1.0, 0.6], patch_size=8, overlap=2)
     assert ensemble.reference == 1
@@ -237,6 +249,7 @@ def test_relative_estimates_round_trip_and_reference_is_most_expensive() -> None
     assert torch.allclose(ensemble.estimators[1].shift, targets[:, 1].mean())
 
 
+@pytest.mark.unit
 def test_estimator_gradient_feature_ranks_patches_and_relative_estimates_give_the_gap() -> None:
     """Synthetic members whose MSE grows with patch contrast (the sparse one 3× more). Estimators forced to
     the hand-made feature (reference: its log mean squared patch gradient; the sparse member: a constant
@@ -264,6 +277,7 @@ def test_estimator_gradient_feature_ranks_patches_and_relative_estimates_give_th
     assert rank_correlation(estimated[:, 1] - estimated[:, 0], actual[:, 1] - actual[:, 0]) > 0.9
 
 
+@pytest.mark.unit
 def test_adaptive_module_loss_trains_only_the_estimators_and_reports_measured_macs(tmp_path: Path) -> None:
     dense = NMSparsityModule(tiny_edsr(), m=8, mode="oneshot", budget=1.0)
     sparse = NMSparsityModule(tiny_edsr(), m=8, mode="oneshot", budget=0.25)
@@ -312,6 +326,7 @@ def test_adaptive_module_loss_trains_only_the_estimators_and_reports_measured_ma
     assert report["macs_720p"] == image["macs_720p"] > 0 and "route_share0" in report
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("config", ["nm_x4.yaml"])
 def test_tiny_search_finetune_then_adaptive_end_to_end(config: str, tmp_path: Path, no_wandb_credentials: Path,
                                                        assert_psnr_in_range: Callable[[float], None]) -> None:

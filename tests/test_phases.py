@@ -38,6 +38,7 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), f"{key}: {(a[key] - b[key]).abs().max()}"
 
 
+@pytest.mark.unit
 def test_schedule_shapes() -> None:
     assert ParamSchedule("tau", 1.0, 0.4, "linear", 0, 100).value(50) == pytest.approx(0.7)
     assert ParamSchedule("tau", 1.0, 0.4, "linear", 0, 100).value(500) == pytest.approx(0.4)
@@ -47,6 +48,7 @@ def test_schedule_shapes() -> None:
     assert ParamSchedule("lr", 1.0, 0.2, "step", 0, step_size=10, gamma=0.5).value(99) == pytest.approx(0.2)
 
 
+@pytest.mark.integration
 def test_each_phase_does_what_it_declares(tmp_path: Path) -> None:
     record = tmp_path / "record.json"
     cli = _fit(tmp_path / "run", "--trainer.callbacks+=toy_phases.PhaseRecorder",
@@ -71,6 +73,7 @@ def test_each_phase_does_what_it_declares(tmp_path: Path) -> None:
     assert by_phase["shrink"][1]["sums"]["head.weight"] != by_phase["shrink"][0]["sums"]["head.weight"]
 
 
+@pytest.mark.integration
 def test_killed_mid_phase_two_resumes_to_the_same_weights(tmp_path: Path) -> None:
     _fit(tmp_path / "straight")
     with pytest.raises(RuntimeError, match="simulated kill"):
@@ -90,6 +93,7 @@ def _ddp_fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.ddp
 def test_ddp_two_processes_phases_and_resume(tmp_path: Path) -> None:
     straight = _ddp_fit(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -113,6 +117,7 @@ def _batch_sizes(root: Path, *extra: str) -> tuple[EffSRCLI, dict[int, int]]:
     return cli, {step: lr for step, lr, _ in records}
 
 
+@pytest.mark.integration
 def test_phase_batch_size_changes_at_the_boundary_and_resumes(tmp_path: Path) -> None:
     cli, sizes = _batch_sizes(tmp_path / "straight")
     assert cli.trainer.global_step == 16
@@ -132,12 +137,14 @@ def test_phase_batch_size_changes_at_the_boundary_and_resumes(tmp_path: Path) ->
     _assert_same_weights(_final_weights(tmp_path / "straight"), _final_weights(tmp_path / "killed"))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", [0, -4, 2.5, "96", True])
 def test_phase_batch_size_rejects_bad_values(value: object) -> None:
     with pytest.raises(ConfigError, match=r"phase 'classifier': settings.batch_size"):
         PhaseSchedule([Phase("branches", 5), Phase("classifier", 5, settings={"batch_size": value})])
 
 
+@pytest.mark.unit
 def test_phase_batch_size_needs_a_datamodule_with_set_batch_size() -> None:
     schedule = PhaseSchedule([Phase("branches"), Phase("classifier", settings={"batch_size": 96})])
     module = SimpleNamespace(phase_name=None, phase_settings={}, enter_phase=lambda name, settings: False,
@@ -148,6 +155,7 @@ def test_phase_batch_size_needs_a_datamodule_with_set_batch_size() -> None:
     schedule.setup(SimpleNamespace(datamodule=None, max_steps=-1), module, "validate")
 
 
+@pytest.mark.integration
 def test_pipeline_ending_inside_an_epoch_writes_its_final_checkpoint(tmp_path: Path) -> None:
     """7 steps per epoch (14 samples, batch 2): epochs end at steps 7 and 14, the 20-step pipeline inside the third
     epoch, and max_steps 100 leaves the stop to PhaseSchedule. last.ckpt holds the finished run at step 20."""

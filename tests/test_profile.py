@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from effsr.archs import EDSR, FSRCNN
 from effsr.profile import format_profile_table, profile_network
 
+pytestmark = pytest.mark.unit
+
 
 def test_edsr_baseline_profile() -> None:
     network = EDSR(4)

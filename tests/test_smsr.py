@@ -28,6 +28,7 @@ def _set_channel_counts(network: SMSR, counts: list[list[int]]) -> None:
             module.body.ch_mask.copy_(logits)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("scale,size,batch", [(2, (17, 23), 2), (3, (16, 15), 1), (4, (9, 12), 3)])
 def test_sparse_equals_hard_masks_random(scale: int, size: tuple[int, int], batch: int) -> None:
     torch.manual_seed(scale)
@@ -44,6 +45,7 @@ def test_sparse_equals_hard_masks_random(scale: int, size: tuple[int, int], batc
     assert (reference - sparse).abs().max().item() <= 1e-4
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("spatial_fill", [0.0, 1.0])
 @pytest.mark.parametrize("channel_kind", ["all_sparse", "all_dense"])
 def test_sparse_equals_hard_masks_extremes(spatial_fill: float, channel_kind: str) -> None:
@@ -62,6 +64,7 @@ def test_sparse_equals_hard_masks_extremes(spatial_fill: float, channel_kind: st
     assert [float(mask.mean()) for mask in network.last_spatial] == [spatial_fill] * 2
 
 
+@pytest.mark.unit
 def test_sparse_equals_hard_masks_official_counts() -> None:
     torch.manual_seed(0)
     network = SMSR(scale=2, pixel_range=1.0).eval()
@@ -78,6 +81,7 @@ def test_sparse_equals_hard_masks_official_counts() -> None:
     assert dense_difference > difference
 
 
+@pytest.mark.unit
 def test_training_forward_gradients_and_tau() -> None:
     torch.manual_seed(0)
     network = SMSR(scale=2, num_features=16, num_modules=2).train()
@@ -90,6 +94,7 @@ def test_training_forward_gradients_and_tau() -> None:
     assert network.body[0].spa_mask[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.unit
 def test_plan_cache_invalidated_on_weight_change() -> None:
     network = SMSR(scale=2, num_features=16, num_modules=1).eval()
     x = torch.rand(1, 3, 8, 8)
@@ -104,6 +109,7 @@ def test_plan_cache_invalidated_on_weight_change() -> None:
         assert (changed - network.forward_hard(x)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.unit
 def test_macs_counted_by_flop_counter_below_dense() -> None:
     import effsr.cost as cost
 
@@ -131,6 +137,7 @@ def _official_state_dict(scale: int) -> dict[str, torch.Tensor]:
     return {key: value.clone() for key, value in network.state_dict().items()}
 
 
+@pytest.mark.unit
 def test_converter_round_trip_legacy_format(tmp_path: Path) -> None:
     state = _official_state_dict(2)
     assert state["body.0.body.ch_mask"].shape == (1, 64, 4, 2)
@@ -160,6 +167,7 @@ class _Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
+@pytest.mark.unit
 def test_converter_refuses_malicious_pickle(tmp_path: Path) -> None:
     src = tmp_path / "evil.pt"
     torch.save({"head.0.weight": torch.zeros(1), "payload": _Evil()}, src)
@@ -210,6 +218,7 @@ def _official_layout_state_dict(scale: int, width: int = 64, modules: int = 5, l
     return state
 
 
+@pytest.mark.e2e
 def test_convert_official_then_effsr_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     """`effsr convert` of a legacy-format official state_dict, then `effsr test --config smsr_x2.yaml` on it."""
@@ -260,6 +269,7 @@ def test_convert_official_then_effsr_test(tmp_path: Path, monkeypatch: pytest.Mo
     assert not (tmp_path / "out.ckpt").exists()
 
 
+@pytest.mark.e2e
 def test_tiny_fit_then_test_reports_sparse_and_dense_macs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           assert_psnr_in_range: Callable[[float], None]) -> None:
     """The tiny config end to end. Which masks 40 steps learn differs between CPUs, so the sparse MACs are only
@@ -286,6 +296,7 @@ def test_tiny_fit_then_test_reports_sparse_and_dense_macs(tmp_path: Path, monkey
     assert row["macs_720p_dense"] == dense and 0 < row["macs_720p"] <= dense
 
 
+@pytest.mark.unit
 def test_module_tau_schedule_loss_and_cost() -> None:
     module = smsr.SMSRModule(SMSR(scale=2, num_features=16, num_modules=2, pixel_range=255.0), sparsity_warmup_steps=10)
     module.set_schedule_value("tau", 0.7)
@@ -317,6 +328,7 @@ def test_module_tau_schedule_loss_and_cost() -> None:
     assert constant.network.tau == 1.0
 
 
+@pytest.mark.e2e
 def test_benchmark_runs_on_official_state_dict_and_effsr_checkpoint(tmp_path: Path) -> None:
     """`benchmarks/smsr_inference.py --ckpt_path` takes an official .pt or a converted checkpoint, uses the
     network's own masks and scale, and ends with the speedup line."""

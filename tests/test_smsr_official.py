@@ -42,6 +42,7 @@ def _hand_count(scale: int, width: int = 64, modules: int = 5, layers: int = 4, 
     return head + modules * ((spatial if masks else 0) + smb + attention) + collect + tail
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("scale", "paper_k"), [(2, 985), (3, 993), (4, 1006)])
 def test_params_are_what_the_deployed_model_stores(scale: int, paper_k: int) -> None:
     network = SMSR(scale, pixel_range=255.0)
@@ -71,6 +72,7 @@ def _pre_fix_reference(block: SMB, x: Tensor, spatial: Tensor, channel: Tensor, 
     return block.collect(torch.cat(outputs, 1))
 
 
+@pytest.mark.unit
 def test_layer_rules_follow_their_definitions() -> None:
     torch.manual_seed(0)
     block = SMB(8, n_layers=3)
@@ -87,6 +89,7 @@ def test_layer_rules_follow_their_definitions() -> None:
         block.forward_masked(x, spatial, channel, "other")
 
 
+@pytest.mark.unit
 def test_module_trains_with_the_chosen_layer_rule() -> None:
     network = SMSR(2, num_features=16, num_modules=1, num_layers=3, pixel_range=255.0)
     module = SMSRModule(network, layer_rule="pre_fix", sparsity_warmup_steps=0)
@@ -103,6 +106,7 @@ def test_module_trains_with_the_chosen_layer_rule() -> None:
         SMSRModule(SMSR(2, num_features=16, num_modules=1), layer_rule="prefix")  # type: ignore[arg-type]
 
 
+@pytest.mark.unit
 def test_dense_masks_baseline_runs_every_channel_everywhere_and_costs_the_plain_network() -> None:
     torch.manual_seed(1)
     network = SMSR(2, num_features=16, num_modules=2, pixel_range=255.0)
@@ -134,6 +138,7 @@ class _Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
+@pytest.mark.unit
 def test_smsr_weights_with_code_in_the_pickle_are_refused(tmp_path: Path) -> None:
     evil = tmp_path / "evil.pt"
     torch.save({"head.0.weight": torch.zeros(1), "payload": _Evil()}, evil)
@@ -141,6 +146,7 @@ def test_smsr_weights_with_code_in_the_pickle_are_refused(tmp_path: Path) -> Non
         load_smsr_weights(str(evil))
 
 
+@pytest.mark.unit
 def test_official_layout_filter_accepts_dataparallel_and_effsr_prefixes(tmp_path: Path) -> None:
     network = SMSR(2, num_features=16, num_modules=1, pixel_range=255.0)
     state = network.state_dict()
@@ -151,6 +157,7 @@ def test_official_layout_filter_accepts_dataparallel_and_effsr_prefixes(tmp_path
         assert all(torch.equal(loaded.state_dict()[key], value) for key, value in state.items())
 
 
+@pytest.mark.integration
 def test_printed_config_still_loads_after_the_package_split(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import effsr.cli as cli
@@ -171,6 +178,7 @@ def test_printed_config_still_loads_after_the_package_split(tmp_path: Path, caps
     assert "layer_rule: pre_fix" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("fill", "dense_above", "path"), [(0.15, 0.45, "sparse"), (0.8, 0.45, "dense"),
                                                             (0.8, 2.0, "sparse"), (0.15, 0.0, "dense")])
 def test_sparse_path_falls_back_to_dense_convs_by_density_and_stays_exact(fill: float, dense_above: float,
@@ -190,6 +198,7 @@ def test_sparse_path_falls_back_to_dense_convs_by_density_and_stays_exact(fill: 
         assert network.body[0].body.last_macs == 2 * 13 * 11 * (3 * 9 * 16 * 16 + 3 * 16 * 16)
 
 
+@pytest.mark.unit
 def test_dense_fallback_with_all_sparse_or_all_dense_channels() -> None:
     torch.manual_seed(6)
     network = SMSR(2, num_features=16, num_modules=2, num_layers=3).eval()

@@ -6,6 +6,8 @@ from torch import nn
 
 from effsr.inference import route_overlay, routed_forward, tile_grid, tiled_forward
 
+pytestmark = pytest.mark.unit
+
 
 class TwoConvSR(nn.Module):
     """Receptive radius 2 LR pixels (two 3×3 convs), zero padding, pixel-shuffle ×2."""

@@ -13,6 +13,8 @@ from torch import nn
 from effsr.errors import CheckpointError
 from effsr.weights import load_network_state, read_checkpoint, strip_prefix
 
+pytestmark = pytest.mark.unit
+
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
