@@ -245,11 +245,13 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
 
     def _export(self, name: str, index: int) -> None:
         """Branch ``index`` as a plain backbone checkpoint (``export_backbones``; rank 0 only)."""
-        if not self.export_backbones or self._trainer is None or _rank() != 0:
+        if not self.export_backbones or self._trainer is None:
+            return
+        source = self._run_config_path()  # every rank: trainer.log_dir is a collective (strategy.broadcast)
+        if _rank() != 0:
             return
         import yaml
 
-        source = self._run_config_path()
         run_config = yaml.safe_load(source.read_text()) if source is not None else None
         specs = self.network.branch_specs
         info = {"name": name, "branch": index, "phase": self.phase_name, "global_step": int(self.global_step),
