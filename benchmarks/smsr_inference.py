@@ -15,6 +15,7 @@ at the measured densities as the gathers execute them, the paper's count).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -201,6 +202,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: per-core CPU time with 1 thread (meaningful on a shared machine)")
     parser.add_argument("--tiles", type=int, nargs="*", default=[8, 16], help="tile sizes of the tile variant")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["dense_cl", "official"],
+                        help="variants to leave out (shorter runs on a loaded machine)")
     parser.add_argument("--dense-above", dest="dense_above", type=float, default=DENSE_ABOVE_DENSITY,
                         help="spatial density above which a block runs dense convs (the library default)")
     args = parser.parse_args()
@@ -235,6 +238,8 @@ def main() -> None:
         "dense_cl": lambda t: network.forward_dense(t.contiguous(memory_format=torch.channels_last)),
         "official": lambda t: forward_with_body(network, t, official_body),
     }
+    for name in args.skip:
+        variants.pop(name)
     names = list(variants)
     images = []
     for path in sorted(Path(args.hr_dir).glob("*.png")):
@@ -270,7 +275,7 @@ def main() -> None:
     medians = {name: float(np.median(times[name].sum(1))) for name in names}
     print("total      " + " | ".join(f"{name} {totals[name] / 1e9:.2f}G {medians[name]:.1f}ms" for name in names)
           + f" ({args.clock} clock, threads={args.threads}, medians of {args.repeats} interleaved rounds)")
-    dense = "dense" if medians["dense"] <= medians["dense_cl"] else "dense_cl"
+    dense = "dense" if medians["dense"] <= medians.get("dense_cl", math.inf) else "dense_cl"
     per_round = {name: times[dense].sum(1) / times[name].sum(1) for name in names}
     for name in names:
         if name.startswith("tile") or name == "official":

@@ -179,7 +179,7 @@ def test_printed_config_still_loads_after_the_package_split(tmp_path: Path, caps
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize(("fill", "dense_above", "path"), [(0.15, 0.45, "sparse"), (0.8, 0.45, "dense"),
+@pytest.mark.parametrize(("fill", "dense_above", "path"), [(0.15, 0.5, "sparse"), (0.8, 0.5, "dense"),
                                                             (0.8, 2.0, "sparse"), (0.15, 0.0, "dense")])
 def test_sparse_path_falls_back_to_dense_convs_by_density_and_stays_exact(fill: float, dense_above: float,
                                                                           path: str) -> None:

@@ -14,7 +14,7 @@ LAYER_RULES: tuple[str, ...] = ("fixed", "pre_fix")
 #: Spatial density above which :meth:`SMB.forward_sparse` runs the block as dense convolutions
 #: (:meth:`SMB.forward_dense_fallback`): there the gathers cost more than the skipped MACs save. Calibrated with
 #: ``benchmarks/smsr_inference.py --clock cpu`` on one CPU thread (docs/benchmarks.md, SMSR section).
-DENSE_ABOVE_DENSITY = 0.45
+DENSE_ABOVE_DENSITY = 0.5
 
 
 def _gemm_weight(weight: Tensor) -> Tensor:
@@ -108,10 +108,7 @@ class SMB(nn.Module):
                 if index == 0:
                     layer["w_dd"] = weight[dense_out].contiguous()
                     layer["w_full_s"] = _gemm_weight(weight[sparse_out])
-                    layer["w_from_dense"], layer["w_from_sparse"] = weight.contiguous(), None
                 else:
-                    layer["w_from_dense"] = weight[:, previous_dense].contiguous()
-                    layer["w_from_sparse"] = weight[:, previous_sparse].contiguous()
                     layer["w_dd"] = weight[dense_out][:, previous_dense].contiguous()
                     layer["w_ds"] = _gemm_weight(weight[sparse_out][:, previous_dense])
                     layer["w_s_all"] = _gemm_weight(weight[torch.cat([sparse_out, dense_out])][:, previous_sparse])
@@ -121,8 +118,25 @@ class SMB(nn.Module):
             offsets = [index * self.channels for index in range(self.n_layers)]
             dense_columns = torch.cat([layer["dense_out"] + off for layer, off in zip(layers, offsets, strict=True)])
             sparse_columns = torch.cat([layer["sparse_out"] + off for layer, off in zip(layers, offsets, strict=True)])
+            fallback = []
+            for index, (conv, layer) in enumerate(zip(self.body, layers, strict=True)):
+                inputs = [torch.arange(self.channels, device=mask.device)] if index == 0 else [
+                    layers[index - 1]["dense_out"], layers[index - 1]["sparse_out"]]
+                kinds = []
+                for columns in inputs:
+                    if not columns.numel():
+                        kinds.append(None)
+                        continue
+                    kinds.append(tuple(conv.weight[rows][:, columns].contiguous() if rows.numel() else None
+                                       for rows in (layer["dense_out"], layer["sparse_out"])))
+                fallback.append({"from_dense": kinds[0], "from_sparse": kinds[1] if len(kinds) > 1 else None,
+                                 "n_dense": layer["dense_out"].numel(), "n_sparse": layer["sparse_out"].numel()})
+            order = torch.cat([torch.cat([layer["dense_out"], layer["sparse_out"]]) + off
+                               for layer, off in zip(layers, offsets, strict=True)])
             self._plan = {
                 "layers": layers,
+                "fallback": fallback,
+                "collect_fallback": collect[:, order, None, None].contiguous(),
                 "collect_dense": collect[:, dense_columns].unsqueeze(-1).unsqueeze(-1).contiguous(),
                 "collect_sparse": collect[:, sparse_columns, None, None].contiguous(),
                 "collect_bias": self.collect.bias.detach().clone(),
@@ -140,36 +154,46 @@ class SMB(nn.Module):
         return self.collect(torch.cat(outputs, 1))
 
     def forward_dense_fallback(self, x: Tensor, spatial: Tensor) -> Tensor:
-        """The hard-mask block (:meth:`forward_masked`, fixed rule) as one dense conv per input kind and layer.
+        """The hard-mask block (:meth:`forward_masked`, fixed rule) run as dense convolutions per channel kind.
 
-        Layer i's inputs are its dense input channels (full maps) and its sparse ones (zero outside the mask, as
-        the rule makes them); A = conv(dense inputs), B = conv(sparse inputs) over all C outputs, then dense
-        outputs are A + S·B and sparse outputs S·(A + B). That is 9·C² MACs per pixel and layer (the dense
-        network's), half of what :meth:`forward_masked` spends with its two convs over all C inputs.
+        Layer i keeps its dense outputs D_i and sparse outputs S_i as separate full maps (S_i is zero outside
+        the mask, as the rule makes it): D_i = relu(conv(D_{i−1}, W_dd) + M·conv(S_{i−1}, W_sd)) and
+        S_i = relu(M·(conv(D_{i−1}, W_ds) + conv(S_{i−1}, W_ss))), M the spatial mask. That is the dense
+        network's 9·C² MACs per pixel (half of the two full convs of :meth:`forward_masked`); the final 1x1
+        reads the maps in [D_0, S_0, D_1, ...] order with its columns permuted accordingly.
         """
         plan = self.plan()
         mask = (spatial > 0.5).to(x.dtype)
-        sparse = self.hard_channel_mask().to(x.dtype)
-        outputs: list[Tensor] = []
-        dense_in, sparse_in = x, None
         pixels = x.shape[0] * x.shape[2] * x.shape[3]
-        for index, layer in enumerate(plan["layers"]):
-            keep = (1 - sparse[:, index]).view(1, -1, 1, 1) + sparse[:, index].view(1, -1, 1, 1) * mask
-            feature = None
-            if dense_in.shape[1]:
-                feature = F.conv2d(dense_in, layer["w_from_dense"], padding=1) * keep
-            if sparse_in is not None and sparse_in.shape[1]:
-                from_sparse = F.conv2d(sparse_in, layer["w_from_sparse"], padding=1).mul_(mask)
-                feature = from_sparse if feature is None else feature.add_(from_sparse)
-            if feature is None:
-                feature = x.new_zeros(x.shape[0], self.channels, *x.shape[2:])
-            feature = feature.relu_()
-            outputs.append(feature)
-            dense_in = feature.index_select(1, layer["dense_out"])
-            sparse_in = feature.index_select(1, layer["sparse_out"])
+        dense_in: Tensor | None = x
+        sparse_in: Tensor | None = None
+        maps: list[Tensor] = []
+        for layer in plan["fallback"]:
+            dense_out = sparse_out = None
+            for source, weights in ((dense_in, layer["from_dense"]), (sparse_in, layer["from_sparse"])):
+                if source is None or weights is None:
+                    continue
+                to_dense, to_sparse = weights
+                if to_dense is not None:
+                    part = F.conv2d(source, to_dense, padding=1)
+                    part = part if source is dense_in else part.mul_(mask)
+                    dense_out = part if dense_out is None else dense_out.add_(part)
+                if to_sparse is not None:
+                    part = F.conv2d(source, to_sparse, padding=1)
+                    sparse_out = part if sparse_out is None else sparse_out.add_(part)
+            if sparse_out is not None:
+                sparse_out = sparse_out.mul_(mask).relu_()
+            if dense_out is not None:
+                dense_out = dense_out.relu_()
+            if layer["n_dense"] and dense_out is None:
+                dense_out = x.new_zeros(x.shape[0], layer["n_dense"], *x.shape[2:])
+            if layer["n_sparse"] and sparse_out is None:
+                sparse_out = x.new_zeros(x.shape[0], layer["n_sparse"], *x.shape[2:])
+            maps += [item for item in (dense_out, sparse_out) if item is not None]
+            dense_in, sparse_in = dense_out, sparse_out
         self.last_macs = int(pixels * self.n_layers * self.channels * (9 * self.channels + self.channels))
         self.last_path = "dense"
-        return self.collect(torch.cat(outputs, 1))
+        return F.conv2d(torch.cat(maps, 1), plan["collect_fallback"], plan["collect_bias"])
 
     def forward_sparse(self, x: Tensor, spatial: Tensor) -> Tensor:
         """Sparse execution with hard masks, or :meth:`forward_dense_fallback` when the mask's density exceeds
