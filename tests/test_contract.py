@@ -28,7 +28,7 @@ from effsr.phases import Phase, PhaseDriven, PhaseSchedule
 
 # Method classes whose owners are moving their Lightning-hook overrides onto SRModule's hooks (issue 13 §3);
 # each owner removes their class from here when done, which turns the xfail into a hard check.
-KNOWN_UNMIGRATED = {"NMSparsityModule"}
+KNOWN_UNMIGRATED: set[str] = set()
 
 # Lightning's hooks: every public method of its hook mixins, plus the steps and optimizer plumbing of
 # LightningModule that a subclass could override.
@@ -274,7 +274,7 @@ def test_assl_instantiates_without_its_dense_checkpoint_and_loads_it_at_setup(tm
 
 # ---------------------------------------------------------------------------- one module per concern
 # files still importing wandb themselves until their owners switch to effsr.loggers (issue 13 §2)
-KNOWN_WANDB_IMPORTS = {"effsr/methods/nm_sparsity/module.py"}
+KNOWN_WANDB_IMPORTS: set[str] = set()
 
 
 @pytest.mark.unit

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from effsr.cost import count_params, macs_at_720p
 from effsr.errors import CheckpointError, ConfigError
+from effsr.loggers import log_bar_chart
 from effsr.methods.nm_sparsity.convert import (
     convert_to_nm,
     export_masked,
@@ -143,14 +144,12 @@ class NMSparsityModule(SRModule):
             groups.append({"params": scores, "name": SCORE_GROUP, "weight_decay": 0.0})
         return groups
 
-    def configure_optimizers(self) -> Any:
-        configured = super().configure_optimizers()
-        optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+    def adjust_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """``score_lr`` for the score group (after the phase's ``lr`` was applied to every group)."""
         if self.score_lr is not None:
             for group in optimizer.param_groups:
                 if group.get("name") == SCORE_GROUP:
                     group["lr"] = group["initial_lr"] = self.score_lr
-        return configured
 
     def on_phase_start(self, name: str, settings: dict[str, Any]) -> bool:
         dense = name == "dense"
@@ -250,30 +249,23 @@ class NMSparsityModule(SRModule):
             self.anneal_c *= self.anneal_factor
         self._anneal_reference = cost_fraction
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def after_optimizer_step(self) -> None:
+        """Logs the N:M cost fraction, budget and annealing factor (every step while searching, else every 50)."""
         if self._searching() or self.global_step % 50 == 0:
             self.log("nm/cost_fraction", self.cost_fraction(), on_step=True, batch_size=1)
             self.log("nm/budget", self.budget, on_step=True, batch_size=1)
             self.log("nm/c", self.anneal_c, on_step=True, batch_size=1)
 
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        if self.trainer.sanity_checking:
+    def on_eval_end(self, stage: str) -> None:
+        """After a validation: N per layer as ``nm_n/<layer>`` and, with W&B, a bar chart ``nm/pattern``."""
+        if stage != "val":
             return
-        for name, n in self.pattern().items():
+        pattern = self.pattern()
+        for name, n in pattern.items():
             self.log(f"nm_n/{name}", float(n), on_step=False, on_epoch=True, batch_size=1)
-        self._log_pattern_chart()
-
-    def _log_pattern_chart(self) -> None:
-        from lightning.pytorch.loggers import WandbLogger
-
-        if not isinstance(self.logger, WandbLogger) or self.global_rank != 0:
-            return
-        import wandb
-
-        table = wandb.Table(data=[[name, n] for name, n in self.pattern().items()], columns=["layer", "N"])
-        chart = wandb.plot.bar(table, "layer", "N", title=f"N per layer (M={self.m})")
-        self.logger.experiment.log({"nm/pattern": chart, "trainer/global_step": self.global_step})
+        if self.global_rank == 0:
+            log_bar_chart(self.loggers, "nm/pattern", pattern, ("layer", "N"), f"N per layer (M={self.m})",
+                          self.global_step)
 
     def structure_state(self) -> dict[str, Any]:
         return {"m": self.m, "budget": self.budget, "mode": self.mode,  # budget/mode: for readers, not restored
