@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from effsr.methods.smsr import SMSR, load_smsr_weights
-from effsr.methods.smsr.block import DENSE_ABOVE_DENSITY
+from effsr.methods.smsr import DENSE_ABOVE_DENSITY, SMSR, load_smsr_weights
 
 SPARSE_COUNTS = [[40, 55, 61, 64], [48, 60, 63, 64], [48, 57, 63, 64], [61, 64, 64, 64], [50, 59, 64, 64]]
 DENSITIES = {

@@ -9,7 +9,7 @@
 * :mod:`~effsr.methods.smsr.module` — :class:`SMSRModule`: L1 + λ·sparsity, Gumbel τ schedule, measured cost.
 """
 
-from effsr.methods.smsr.block import LAYER_RULES, SMB
+from effsr.methods.smsr.block import DENSE_ABOVE_DENSITY, LAYER_RULES, SMB
 from effsr.methods.smsr.convert import (
     convert_official_checkpoint,
     load_smsr_weights,
@@ -21,6 +21,7 @@ from effsr.methods.smsr.module import SMSRModule
 from effsr.methods.smsr.network import SMM, SMSR, CALayer, gumbel_softmax
 
 __all__ = [
+    "DENSE_ABOVE_DENSITY",
     "LAYER_RULES",
     "SMB",
     "SMM",
