@@ -1,0 +1,66 @@
+"""Every experiment config instantiates through effsr's CLI parser (``EffSRCLI(run=False)``): model, data module
+and trainer are built in this one process, no image is read and no checkpoint file is needed (methods load the
+files they start from in ``on_setup``, outside ``__init__``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import effsr.cli
+from effsr.cli import EffSRCLI
+from effsr.data import SRDataModule
+from effsr.models import SRModule
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+# trainer overlays are added to a full config (as `--config X.yaml --config trainer/ddp.yaml` in the README)
+OVERLAYS = {EXPERIMENTS / "trainer" / "ddp.yaml", EXPERIMENTS / "trainer" / "ddp_cpu.yaml"}
+BASE_FOR_OVERLAY = EXPERIMENTS / "tiny" / "smsr_x2.yaml"
+CONFIGS = sorted(EXPERIMENTS.rglob("*.yaml"))
+
+
+def _class_path(node: dict[str, Any]) -> str:
+    return node["class_path"] if "class_path" in node else node["init_args"]["class_path"]
+
+
+def _instantiate(args: list[str]) -> EffSRCLI:
+    return EffSRCLI(args=[*args, "--trainer.logger=false"], run=False)
+
+
+def test_every_config_is_covered() -> None:
+    """The parametrisation below sees every YAML under experiments/ (paper, small, tiny, trainer overlays)."""
+    assert len(CONFIGS) >= 40 and OVERLAYS <= set(CONFIGS)
+    assert {path.parent.name for path in CONFIGS} == {"experiments", "small", "tiny", "trainer"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(path.relative_to(EXPERIMENTS)) for path in CONFIGS])
+def test_config_instantiates_without_data_or_checkpoints(path: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model of the declared class with data.scale linked into its network, SRDataModule, Trainer; run in an
+    empty folder (no `datasets/`, no `runs/`), so nothing the config names on disk exists. The CLI's early
+    missing-checkpoint check (tested in test_cli) is switched off: the module itself must not need the files."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(effsr.cli, "check_checkpoint_paths", lambda *_args: None)
+    if path in OVERLAYS:
+        # the GPU overlay's accelerator is replaced so that the trainer can be built on a CPU machine
+        extra = ["--trainer.accelerator=cpu", "--trainer.devices=2"] if path.name == "ddp.yaml" else []
+        cli = _instantiate(["--config", str(BASE_FOR_OVERLAY), "--config", str(path), *extra])
+        assert cli.trainer.world_size == 2 and type(cli.trainer.strategy).__name__ == "DDPStrategy"
+        return
+    declared = yaml.safe_load(path.read_text())
+    cli = _instantiate(["--config", str(path)])
+    model, data = cli.model, cli.datamodule
+    assert isinstance(model, SRModule) and isinstance(data, SRDataModule)
+    assert f"{type(model).__module__}.{type(model).__qualname__}" == _class_path(declared["model"]) or \
+        type(model).__qualname__ == _class_path(declared["model"]).rsplit(".", 1)[-1]
+    assert model.network.scale == data.scale == declared["data"]["scale"]
+    assert not any(tmp_path.iterdir()), "instantiating a config wrote files"
+    max_steps = declared.get("trainer", {}).get("max_steps")
+    if max_steps is not None:
+        assert cli.trainer.max_steps == max_steps
