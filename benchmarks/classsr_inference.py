@@ -117,6 +117,9 @@ def main() -> None:
     parser.add_argument("--per-patch-repeats", type=int, default=2,
                         help="repeats that also time the (slow) per-patch loop (the first ones)")
     parser.add_argument("--whole-image", action="store_true", help="also time the wide branch on the whole image")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: time.perf_counter; cpu: time.process_time (CPU seconds of this process, all "
+                             "threads: less sensitive to other jobs on a shared machine)")
     args = parser.parse_args()
     torch.manual_seed(0)
     backbone, widths, extra = BACKBONES[args.backbone]
@@ -162,6 +165,7 @@ def main() -> None:
         macs = {"routed": routed_macs, "wide": len(choices) * branch_macs[-1], "per_patch": routed_macs}
         if args.whole_image:
             macs["wide_whole_image"] = count_macs(copy.deepcopy(wide).to("meta"), lr.to("meta"))
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {name: [] for name in variants}
     outputs: dict[str, Tensor] = {}
     with torch.no_grad():
@@ -171,9 +175,9 @@ def main() -> None:
             for name in order:
                 if name == "per_patch" and repeat >= args.per_patch_repeats:
                     continue
-                start = time.perf_counter()
+                start = clock()
                 output = variants[name]()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
                 outputs.setdefault(name, output)
             print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
                 f"{name} {times[name][-1] * 1000:.0f} ms" for name in order if len(times[name]) == repeat + 1),
@@ -187,7 +191,7 @@ def main() -> None:
     print(f"backbone {args.backbone} {extra} widths {widths}, channels_last={args.channels_last}; random fixed "
           f"weights (seed 0), classifier last layer set for 1/3 per branch: proportions "
           f"{[round(float(s), 3) for s in shares]}; threads {torch.get_num_threads()}; "
-          f"{args.repeats} interleaved repeats, medians")
+          f"{args.repeats} interleaved repeats, medians; {args.clock} clock")
     print(f"routed == per-patch loop: max |diff| {difference:.2e}; force_branch=2 == wide tiled (96x96 crop): "
           f"{forced:.2e}; MACs per patch counted by FlopCounterMode; routed includes the classifier")
     for name in names:
