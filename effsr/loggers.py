@@ -79,14 +79,21 @@ def prepare_wandb_logger(logger: WandbLogger) -> None:
     """Readies a WandbLogger before its run starts.
 
     Lightning always passes ``anonymous=None`` to ``wandb.init``, which wandb (0.31 here) reports as a setting that
-    "has no effect"; the key is dropped unless the user set it. The save dir is created so that wandb finds the
-    git repository of the run there (and records its commit) instead of warning that the folder does not exist.
+    "has no effect"; the key is dropped unless the user set it. The save dir is made absolute (against this
+    process's cwd) because wandb-core, a separate process that may have been started from another folder,
+    resolves a relative ``dir`` in its own cwd (runs landed in the repository's ``runs/``), and it is created so
+    that wandb finds the git repository of the run there (and records its commit) instead of warning that the
+    folder does not exist.
     """
     init_kwargs = getattr(logger, "_wandb_init", None)
     if isinstance(init_kwargs, dict) and "anonymous" in init_kwargs and init_kwargs["anonymous"] is None:
         del init_kwargs["anonymous"]
     if logger.save_dir:
-        Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
+        save_dir = str(Path(logger.save_dir).absolute())
+        logger._save_dir = save_dir  # Lightning keeps save_dir twice: its property and the wandb.init kwargs
+        if isinstance(init_kwargs, dict):
+            init_kwargs["dir"] = save_dir
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
 
 
 def prepare_loggers(loggers: Iterable[Logger]) -> None:
