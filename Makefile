@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.effsr-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# the developer loop: unit + integration (+ gpu where CUDA is present); no subprocess CLI runs, no DDP
+test-fast: install
+	$(PY) -m pytest -q -m "not e2e and not ddp"
 
 lint: install
 	$(VENV)/bin/ruff check effsr tests benchmarks
