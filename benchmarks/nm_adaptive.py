@@ -40,7 +40,8 @@ from torch import Tensor
 from effsr.archs import EDSR, MSRResNet
 from effsr.cost import MacCounter, count_macs, lr_size_for_720p, macs_at_720p
 from effsr.inference.tiling import routed_forward, tile_grid
-from effsr.methods.nm_sparsity import NMEnsemble, NMSparsityModule, rank_correlation
+from effsr.methods.nm_adaptive import NMEnsemble, rank_correlation
+from effsr.methods.nm_sparsity import NMSparsityModule
 from effsr.metrics import psnr
 from effsr.ops import bicubic_degrade
 
