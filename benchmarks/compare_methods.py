@@ -22,6 +22,7 @@ the factual part is generated, the interpretation between ``<!-- reading begin/e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shlex
@@ -89,6 +90,9 @@ def cached_checkpoint(decl: ModelDecl, train: list[str], works: list[Path]) -> t
     key = cache_key(decl, seed, train)
     for work in works:
         marker = work / "runs" / decl.name / f"{prefix}-{key[:12]}" / last / "finished.json"
+        if decl.stages[-1].shared:  # reproduce.py's layout of a stage shared by several models: no seed
+            shared = dataclasses.replace(decl, compare_as=None)
+            marker = work / "shared" / cache_key(shared, None, train)[:12] / last / "finished.json"
         if marker.is_file():
             return Path(json.loads(marker.read_text())["checkpoint"]), None
     data = f"--data.train={_data_arg(train)}"
@@ -96,8 +100,9 @@ def cached_checkpoint(decl: ModelDecl, train: list[str], works: list[Path]) -> t
         for marker in sorted((work / "runs" / decl.name).glob(f"{prefix}-*/{last}/finished.json")):
             record = json.loads(marker.read_text())
             if data in record.get("command", []):
-                return Path(record["checkpoint"]), (f"{decl.name}: run {marker.parent.parent.name} (trained on the "
-                                                    "same data under an older config text than the declared one)")
+                return Path(record["checkpoint"]), (f"{decl.name}: run {marker.parent.parent.name} (same data, "
+                                                    "but trained under an older stage config or overrides than "
+                                                    "the current declaration)")
     return None, None
 
 
@@ -106,6 +111,7 @@ def find_models(args: argparse.Namespace) -> tuple[dict[int, list[Row]], list[st
     by_scale: dict[int, list[Row]] = {}
     missing: list[str] = []
     notes: list[str] = []
+    reported: set[tuple[int, str]] = set()  # experiments declared over the same runs report a missing one once
     for experiment in (item for item in EXPERIMENTS.values() if not item.test_only):
         trains = experiment_trains(experiment, args)
         found: dict[str, Path] = {}
@@ -114,7 +120,7 @@ def find_models(args: argparse.Namespace) -> tuple[dict[int, list[Row]], list[st
                 checkpoint, note = cached_checkpoint(decl, train, work_dirs(args))
                 if checkpoint is not None:
                     found[decl.name] = checkpoint
-                    notes += [f"{experiment.name}: {note}"] if note else []
+                    notes += [note] if note and note not in notes else []
                     break
         rows = by_scale.setdefault(experiment.scale, [])
         absent = []
@@ -133,9 +139,11 @@ def find_models(args: argparse.Namespace) -> tuple[dict[int, list[Row]], list[st
             if argument != "bicubic" and not Path(argument).is_file():
                 absent.append(decl.name)
                 continue
-            if all(row["name"] != name for row in rows):
+            if all(row["name"] != name and row["argument"] != argument for row in rows):  # nm_x4_b25 = nm_x4's
                 rows.append({"name": name, "experiment": "–" if name == "bicubic" else experiment.name,
                              "role": decl.role, "argument": argument})
+        absent = [name for name in absent if (experiment.scale, name) not in reported]
+        reported.update((experiment.scale, name) for name in absent)
         if absent:
             started = [work for work in work_dirs(args)
                        if any((work / "runs" / decl.name).is_dir() for decl in experiment.models)]
