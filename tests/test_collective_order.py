@@ -11,6 +11,8 @@ import pytest
 from effsr.methods.classsr import module as classsr_module
 from effsr.methods.classsr.module import ClassSRModule
 
+pytestmark = pytest.mark.unit
+
 
 class _CountingTrainer:
     """A trainer whose ``log_dir`` counts its reads, each of which is a broadcast under DDP."""
