@@ -12,7 +12,7 @@ conv+residual fused into single oneDNN calls), channels-last; ``--plain`` times 
 320×180, i.e. a 720p output at ×4) in inference mode with a fixed number of threads, timed in alternation
 (each round: the dense model once, then the compact model about as often as fits in that time) after a
 warm-up of each; medians. Besides wall time the process CPU time of every run is recorded: on a machine
-shared with other jobs it is far less noisy. MACs are for a 1280×720 output (conventions.md). The last
+shared with other jobs it is far less noisy. MACs are for a 1280×720 output (docs/protocol.md). The last
 line is ``speedup=X.XX macs_ratio=Y.YY`` (wall time) of the last scale.
 """
 

@@ -1,4 +1,4 @@
-"""Bicubic baseline table (conventions.md): HR mod-crop, MATLAB-bicubic LR (uint8), bicubic back, Y metrics."""
+"""Bicubic baseline table (docs/protocol.md): HR mod-crop, MATLAB-bicubic LR (uint8), bicubic back, Y metrics."""
 
 from __future__ import annotations
 

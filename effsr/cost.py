@@ -1,4 +1,4 @@
-"""Cost counting: parameters and multiply-accumulates (MACs), in the units of conventions.md.
+"""Cost counting: parameters and multiply-accumulates (MACs), in the units of docs/protocol.md.
 
 Units, always named:
 
@@ -15,7 +15,7 @@ matrix products (``mm``, ``addmm``, ``bmm``, ``baddbmm``, attention). Biases, ac
 pooling and interpolation are not counted (they are not in the papers' numbers either).
 
 Convolutions count k²·C_in·C_out·H_out·W_out / groups MACs per image. **Transposed convolutions** are
-counted "at the output resolution" (conventions.md), i.e. also k²·C_in·C_out·H_out·W_out / groups, where
+counted "at the output resolution" (docs/protocol.md), i.e. also k²·C_in·C_out·H_out·W_out / groups, where
 H_out = stride·H_in (+ padding terms). FlopCounterMode itself counts a transposed conv as the arithmetic
 it performs, k²·C_in·C_out·H_in·W_in / groups — stride² times less. effsr overrides that formula because the
 published numbers use the output-resolution convention: ClassSR's FSRCNN-O (d=56, s=12, m=4, ×4, RGB) is

@@ -69,7 +69,7 @@ def test_edsr_baseline_param_count() -> None:
 
 def test_ledsr_param_counts_match_assl() -> None:
     # LEDSR: head + R blocks + body conv + one conv F→3s². ASSL's F=49 pruned model ("ASSLN") has
-    # 0.72 M params at ×2 and 0.74 M at ×4 (ASSL paper, Tables 3/4; methods.md §1).
+    # 0.72 M params at ×2 and 0.74 M at ×4 (ASSL paper, Tables 3/4; docs/methods/assl.md).
     def expected(features: int, scale: int) -> int:
         return conv(3, features) + 16 * 2 * conv(features, features) + conv(features, features) \
             + conv(features, 3 * scale * scale)

@@ -381,7 +381,7 @@ def _conventions_sets() -> list[Path]:
 
 @pytest.mark.ddp
 def test_bicubic_x4_config_reproduces_table_and_ddp_is_identical(tmp_path: Path) -> None:
-    """`effsr test` of experiments/bicubic_x4.yaml: conventions.md's table (when Set5/Set14 are here, else a
+    """`effsr test` of experiments/bicubic_x4.yaml: docs/protocol.md's table (when Set5/Set14 are here, else a
     generated set checked against the functional metrics in float64), and 2-process DDP gives identical numbers."""
     from effsr.metrics import psnr, ssim
     from effsr.ops import bicubic_degrade, imresize

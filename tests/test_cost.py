@@ -48,7 +48,7 @@ def test_edsr_baseline_x4_macs_at_720p_by_hand() -> None:
 def test_fsrcnn_x4_macs_with_the_transposed_conv_at_output_resolution() -> None:
     # LR layers per LR pixel: 25·3·56 = 4,200 (extract) + 56·12 = 672 (shrink) + 4·9·12·12 = 5,184 (mapping)
     # + 12·56 = 672 (expand) = 10,728. Deconv 9×9, 56→3, counted at the HR resolution: 81·56·3 = 13,608 per
-    # HR pixel (conventions.md); the arithmetic actually performed is 13,608 per LR pixel.
+    # HR pixel (docs/protocol.md); the arithmetic actually performed is 13,608 per LR pixel.
     lr_pixels, hr_pixels = 320 * 180, 1280 * 720
     network = FSRCNN(4)
     assert macs_at_720p(network) == 10_728 * lr_pixels + 13_608 * hr_pixels == 13_159_065_600

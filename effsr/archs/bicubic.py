@@ -8,7 +8,7 @@ from effsr.archs.common import check_scale
 
 
 class BicubicSR(nn.Module):
-    """Upsamples by ``scale`` with the MATLAB-compatible antialiased bicubic ``imresize`` (conventions.md).
+    """Upsamples by ``scale`` with the MATLAB-compatible antialiased bicubic ``imresize`` (docs/protocol.md).
 
     No parameters. The resize is linear, so the output is in the input's range (``pixel_range`` is only
     recorded); values slightly outside the range (bicubic overshoot) are left to the metrics' clamp.

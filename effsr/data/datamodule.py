@@ -51,7 +51,7 @@ class SRDataModule(L.LightningDataModule):
         train: training source: ``sample`` | ``div2k`` | ``flickr2k`` | ``df2k`` (under ``data_root``) | a
             folder of HR images (``HR_DIR`` or ``HR_DIR:LR_DIR``), or a list of these, concatenated in order
             (``[div2k, /data/extra]``; indices of the first entry stay as they are alone).
-        data_root: folder holding ``DIV2K/`` and ``Flickr2K/`` (conventions.md layout).
+        data_root: folder holding ``DIV2K/`` and ``Flickr2K/`` (docs/protocol.md layout).
         val_sets: validation sets: ``sample`` (held-out sample photos), ``div2k_valid``, or HR folders
             (set name = folder name; ``HR_DIR:LR_DIR``; the benchmark layouts ``Set5/HR`` +
             ``Set5/LR_bicubic/X<s>`` and ClassSR's ``Test2K/HR/X<s>`` + ``Test2K/LR/X<s>`` use the shipped LR,

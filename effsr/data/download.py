@@ -6,7 +6,7 @@
 - Checksums: DIV2K sizes/SHA-256 as recorded by TensorFlow Datasets (``url_checksums/div2k.txt``).
   Flickr2K has no published checksum: ``sha256=None`` there means only the HTTP length is checked (the
   download prints the SHA-256 it computed so you can pin it).
-- Extraction follows conventions.md (``<root>/DIV2K/DIV2K_train_HR/...``, ``<root>/Flickr2K/Flickr2K_HR/...``);
+- Extraction follows docs/protocol.md (``<root>/DIV2K/DIV2K_train_HR/...``, ``<root>/Flickr2K/Flickr2K_HR/...``);
   members whose path would land outside the target folder (absolute, ``..``, links) are refused.
 """
 

@@ -1,6 +1,6 @@
 """Data sources: which HR images (and which official LR files) a data option names.
 
-Layouts (``resolve_train_sources`` / ``resolve_eval_set``), as in conventions.md:
+Layouts (``resolve_train_sources`` / ``resolve_eval_set``), as in docs/protocol.md:
 
 - ``div2k``: ``<root>/DIV2K/DIV2K_train_HR/0001.png``, official LR ``DIV2K_train_LR_bicubic/X<s>/0001x<s>.png``;
 - ``flickr2k``: ``<root>/Flickr2K/Flickr2K_HR/000001.png``, ``Flickr2K_LR_bicubic/X<s>/000001x<s>.png``;

@@ -1,4 +1,4 @@
-"""Paper-exact PSNR / SSIM (conventions.md): uint8 rounding, BT.601 Y in float64, crop, per-image values.
+"""Paper-exact PSNR / SSIM (docs/protocol.md): uint8 rounding, BT.601 Y in float64, crop, per-image values.
 
 SSIM filters with the 11x11 Gaussian as two 1-D passes (the window is the outer product of a 1-D Gaussian),
 all five local moments of a batch at once, in row chunks, so the moment maps never exist at full size. The

@@ -38,12 +38,12 @@ class _PerImageMean(Metric):
 
 
 class PSNR(_PerImageMean):
-    """Mean per-image PSNR (dB) per conventions.md."""
+    """Mean per-image PSNR (dB) per docs/protocol.md."""
 
     score_fn = staticmethod(psnr)
 
 
 class SSIM(_PerImageMean):
-    """Mean per-image SSIM per conventions.md."""
+    """Mean per-image SSIM per docs/protocol.md."""
 
     score_fn = staticmethod(ssim)

@@ -163,7 +163,7 @@ class SRModule(EvaluationMixin, L.LightningModule):
         return self.network
 
     def cost_report(self) -> dict[str, float]:
-        """Cost of the deployed model: params and MACs for a 1280×720 output (conventions.md).
+        """Cost of the deployed model: params and MACs for a 1280×720 output (docs/protocol.md).
 
         Dense networks are counted on a meta-device copy (shapes only, no compute); methods whose cost
         depends on the data (sparse, routed execution) override this with what they measured.

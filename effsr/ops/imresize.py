@@ -1,4 +1,4 @@
-"""MATLAB-compatible antialiased bicubic ``imresize`` in torch (conventions.md), plus mod-crop and the
+"""MATLAB-compatible antialiased bicubic ``imresize`` in torch (docs/protocol.md), plus mod-crop and the
 bicubic degradation used to make LR images from HR ones.
 
 Each axis is resized with the MATLAB weights applied as a banded gather: per output pixel only the kernel's
