@@ -156,7 +156,7 @@ def find_models(args: argparse.Namespace) -> tuple[dict[int, list[Row]], list[st
                                                        f"{REPO / SMSR_RELEASE_CONFIG}"})
     for scale, rows in by_scale.items():
         if all(row["name"] != "bicubic" for row in rows):
-            rows.append({"name": "bicubic", "experiment": "-", "role": "baseline", "argument": "bicubic"})
+            rows.append({"name": "bicubic", "experiment": "–", "role": "baseline", "argument": "bicubic"})
         by_scale[scale] = rows
     found = {scale: rows for scale, rows in sorted(by_scale.items()) if any(r["name"] != "bicubic" for r in rows)}
     return found, missing, notes
