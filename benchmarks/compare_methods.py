@@ -355,6 +355,7 @@ def write_docs(docs: Path, records: list[Row], result: dict[str, Any], pngs: lis
         "the paper protocol, MACs counted on what runs, sparse and routed execution as executed); no model was "
         "trained for this page: the checkpoints are the reproduction harness's cached runs (seed 0).", "",
         f"- Command: `{result['command']}`",
+        *(f"- ×{scale} rows: from the previous run, `{command}`" for scale, command in result["carried"].items()),
         f"- Test sets: {', '.join(f'`{item}`' for item in result['test'])}; LR by MATLAB bicubic",
         f"- CPU latency: {result['cpu']}, {result['threads']} thread(s), median of {result['latency_repeats']} "
         "runs of the inference path on one LR image of the 1280×720-output size, all models of a scale in one "
@@ -387,12 +388,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smsr_release", default=None, help="converted SMSR ×2 release (effsr convert --method smsr)")
     parser.add_argument("--variants", action="store_true",
                         help="also the experiments' variants (default: each method and its baselines)")
+    parser.add_argument("--scales", type=int, nargs="+", default=None,
+                        help="evaluate only these scales; the others keep the previous run's rows (its command is "
+                             "named in the docs)")
     parser.add_argument("--latency-repeats", dest="latency_repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of the test loops and latency runs")
     parser.add_argument("--docs", default=str(REPO / "docs" / "comparison.md"), help="Markdown file to write")
     parser.add_argument("--no-docs", dest="no_docs", action="store_true", help="do not touch the docs")
     parser.add_argument("--no-wandb", dest="no_wandb", action="store_true", help="no W&B run")
     return parser
+
+
+def carried_scales(args: argparse.Namespace, by_scale: dict[int, list[Row]]) -> dict[int, dict[str, Any]]:
+    """Scales left out by ``--scales``: their records (and command) from the previous ``W/compare_methods.json``."""
+    previous_path = work_dirs(args)[0] / "compare_methods.json"
+    if not args.scales or not previous_path.is_file():
+        return {}
+    previous = json.loads(previous_path.read_text())
+    command = previous.get("carried", {}).get("0") or previous["command"]
+    carried = {}
+    for scale in (scale for scale in by_scale if scale not in args.scales):
+        records = [record for record in previous["records"] if record["scale"] == scale]
+        if records:
+            carried[scale] = {"records": records, "command": previous.get("carried", {}).get(str(scale), command)}
+    return carried
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,7 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     records: list[Row] = []
     pngs: list[Path] = []
     cpu = ""
+    carried = carried_scales(args, by_scale)
     for scale, rows in by_scale.items():
+        if scale in carried:
+            records += carried[scale]["records"]
+            pngs.append((docs.parent / "comparison" if not args.no_docs else output) / f"x{scale}.png")
+            continue
         report = run_compare(scale, rows, args, output / f"x{scale}")
         cpu = report["latency"]["cpu"]
         scale_records = table_rows(scale, rows, report)
@@ -420,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         pngs.append(png)
     result = {"command": "python benchmarks/compare_methods.py " + shlex.join(argv), "test": args.test, "cpu": cpu,
               "threads": args.threads, "latency_repeats": args.latency_repeats, "missing": missing, "notes": notes,
-              "models": by_scale, "records": records, "facts": facts(records), "pngs": [str(p) for p in pngs]}
+              "models": by_scale, "records": records, "facts": facts(records), "pngs": [str(p) for p in pngs],
+              "carried": {scale: value["command"] for scale, value in carried.items()}}
     result["wandb_run"] = None if args.no_wandb else str(log_wandb(records, pngs, output))
     (work_dirs(args)[0] / "compare_methods.json").write_text(json.dumps(result, indent=2, default=str))
     print(markdown_table(records))
