@@ -26,10 +26,6 @@ from effsr.data import SRDataModule
 from effsr.models import SRModule
 from effsr.phases import Phase, PhaseDriven, PhaseSchedule
 
-# Method classes whose owners are moving their Lightning-hook overrides onto SRModule's hooks (issue 13 §3);
-# each owner removes their class from here when done, which turns the xfail into a hard check.
-KNOWN_UNMIGRATED: set[str] = set()
-
 # Lightning's hooks: every public method of its hook mixins, plus the steps and optimizer plumbing of
 # LightningModule that a subclass could override.
 LIGHTNING_HOOKS = frozenset(
@@ -60,10 +56,7 @@ def _method_classes() -> list[type]:
 
 def _params() -> list[Any]:
     return [
-        pytest.param(cls, id=cls.__qualname__, marks=pytest.mark.xfail(
-            reason=f"{cls.__qualname__} is being moved onto SRModule's hooks by its owner (issue 13 §3)",
-            strict=False) if cls.__qualname__ in KNOWN_UNMIGRATED else ())
-        for cls in _method_classes()
+        pytest.param(cls, id=cls.__qualname__) for cls in _method_classes()
     ]
 
 
