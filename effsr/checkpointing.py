@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
+from effsr.distributed import rank
 from effsr.weights import read_checkpoint
 
 
@@ -54,6 +55,31 @@ def use_atomic_checkpoints(trainer: L.Trainer) -> None:
     elif isinstance(checkpoint_io, _WrappingCheckpointIO) and type(checkpoint_io.checkpoint_io) is TorchCheckpointIO:
         # the wrapper's setter ignores a new base once one is configured, hence the attribute
         checkpoint_io._checkpoint_io = AtomicCheckpointIO()
+
+
+def run_config_path(trainer: L.Trainer) -> Path | None:
+    """The ``config.yaml`` that ``effsr fit`` wrote for this run, if any (``trainer.log_dir`` is a collective:
+    call it on every rank)."""
+    for folder in (trainer.log_dir or "", trainer.default_root_dir):
+        if folder and (Path(folder) / "config.yaml").is_file():
+            return Path(folder) / "config.yaml"
+    return None
+
+
+def save_side_checkpoint(trainer: L.Trainer, name: str) -> Path:
+    """The whole training state now, as ``<default_root_dir>/<name>/<name>.ckpt`` plus the run's ``config.yaml``
+    beside it, so an intermediate model of a pipeline (ClassSR before joint, ASSL right after pruning) can be
+    evaluated as a model of its own. Every rank must call it (Lightning saves on rank 0)."""
+    folder = Path(trainer.default_root_dir) / name
+    path = folder / f"{name}.ckpt"
+    trainer.save_checkpoint(path)
+    source = run_config_path(trainer)
+    if source is not None and rank() == 0:
+        handle, temporary = tempfile.mkstemp(prefix=".config.", suffix=".yaml", dir=folder)
+        with os.fdopen(handle, "w") as stream:
+            stream.write(source.read_text())
+        os.replace(temporary, folder / "config.yaml")
+    return path
 
 
 def load_untrusted(path: _PATH, what: str = "checkpoint") -> Any:

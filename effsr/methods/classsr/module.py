@@ -24,8 +24,6 @@ labelled as such, equal shares.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +34,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from effsr.checkpointing import save_side_checkpoint
 from effsr.errors import ConfigError
 from effsr.inference.tiling import RoutedOutput
 from effsr.methods.classsr.checkpoints import (
@@ -233,15 +232,8 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         ``before_joint.ckpt`` with the run's ``config.yaml``, so joint's effect is measurable in one run."""
         if not self.export_backbones or self._trainer is None:
             return
-        folder = Path(self.trainer.default_root_dir) / "before_joint"
-        self.trainer.save_checkpoint(folder / "before_joint.ckpt")  # every rank calls it; rank 0 writes
-        source = self._run_config_path()
-        if source is not None and _rank() == 0:
-            handle, temporary = tempfile.mkstemp(prefix=".config.", suffix=".yaml", dir=folder)
-            with os.fdopen(handle, "w") as stream:
-                stream.write(source.read_text())
-            os.replace(temporary, folder / "config.yaml")
-        rank_zero_info(f"[effsr] ClassSR: the model before joint saved as {folder / 'before_joint.ckpt'}")
+        path = save_side_checkpoint(self.trainer, "before_joint")
+        rank_zero_info(f"[effsr] ClassSR: the model before joint saved as {path}")
 
     def _export(self, name: str, index: int) -> None:
         """Branch ``index`` as a plain backbone checkpoint (``export_backbones``; rank 0 only)."""
