@@ -11,13 +11,23 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from effsr.checkpointing import save_side_checkpoint
 from effsr.errors import CheckpointError, ConfigError
 from effsr.loggers import log_bar_chart, log_histograms
 from effsr.methods.assl.channels import ChannelGroup, ChannelStructure, analyze_channels
 from effsr.methods.assl.deploy import _autocast_enabled, _DeployCache, _fingerprint, deploy_network
 from effsr.methods.assl.losses import GrowingL2, SSAThreshold, ssa_loss
-from effsr.methods.assl.plan import Ranking, group_importance, num_kept, pruned_indices, top_indices
-from effsr.methods.assl.surgery import apply_shapes, conv_shapes, prune_network
+from effsr.methods.assl.plan import (
+    CRITERIA,
+    Criterion,
+    Ranking,
+    group_importance,
+    num_kept,
+    pruned_indices,
+    scale_stats,
+    top_indices,
+)
+from effsr.methods.assl.surgery import apply_shapes, conv_shapes, prune_network, reinitialize
 from effsr.methods.assl.weight_norm import WNConv2d, convert_to_weight_norm
 from effsr.models.base import SRModule, _default_optimizer
 from effsr.weights import load_network_state
@@ -52,6 +62,12 @@ class ASSLModule(SRModule):
             (official); false keeps the picks made when ``ssa`` began.
         weight_norm: ``all`` (official ``--wn``): every trainable conv is weight-normalised during pruning, the
             upsampler conv included; ``pruned``: only the convs whose filters are pruned.
+        prune_criterion: what ranks filters when a plan is made: ``scale`` (|γ|, ASSL) or ``l1_norm`` (per-filter
+            mean |W|: the L1-norm pruning baseline when ``prune`` runs on a dense-loaded network).
+        reinit_after_prune: re-initialise every conv right after the physical prune (official ``--reinit``):
+            the compact architecture trained from scratch.
+        save_pruned: write ``<default_root_dir>/pruned/pruned.ckpt`` right after the prune (its PSNR before
+            finetuning can then be evaluated).
         dense_checkpoint: optional dense weights to start from (Lightning checkpoint or plain state dict).
         fused_inference: validation/test/predict run :func:`deploy_network`'s fused copy (cached, rebuilt when
             a weight changes) instead of the plain network; false runs the plain network.
@@ -77,6 +93,9 @@ class ASSLModule(SRModule):
         ssa_threshold: SSAThreshold = "kept",
         repick_after_ssa: bool = True,
         weight_norm: Literal["all", "pruned"] = "all",
+        prune_criterion: Criterion = "scale",
+        reinit_after_prune: bool = False,
+        save_pruned: bool = True,
         dense_checkpoint: str | None = None,
         fused_inference: bool = True,
         **kwargs: Any,
@@ -88,6 +107,8 @@ class ASSLModule(SRModule):
             raise ConfigError(f"ssa_threshold must be 'kept' or 'detached', got {ssa_threshold!r}")
         if weight_norm not in ("all", "pruned"):
             raise ConfigError(f"weight_norm must be 'all' or 'pruned', got {weight_norm!r}")
+        if prune_criterion not in CRITERIA:
+            raise ConfigError(f"prune_criterion must be one of {', '.join(CRITERIA)}, got {prune_criterion!r}")
         num_kept(8, prune_ratio if keep is None else None, keep, None)
         self.prune_ratio = prune_ratio
         self.keep = keep
@@ -100,6 +121,10 @@ class ASSLModule(SRModule):
         self.ssa_threshold: SSAThreshold = ssa_threshold
         self.repick_after_ssa = repick_after_ssa
         self.weight_norm = weight_norm
+        self.prune_criterion: Criterion = prune_criterion
+        self.reinit_after_prune = reinit_after_prune
+        self.save_pruned = save_pruned
+        self.prune_stats: dict[str, dict[str, float]] = {}
         self.growth = GrowingL2(reg_interval, reg_step, reg_limit)
         self.dense_checkpoint = dense_checkpoint
         self.stage: Literal["dense", "wn", "compact"] = "dense"
@@ -134,7 +159,7 @@ class ASSLModule(SRModule):
         """Fixes the kept set of groups that have none yet (ranked by |γ| now)."""
         pending = [group for group in groups if group.key not in self.plan]
         for group in pending:
-            importance = group_importance(self.network, group, self.constrained_ranking)
+            importance = group_importance(self.network, group, self.constrained_ranking, self.prune_criterion)
             self.plan[group.key] = top_indices(importance, self._kept_count(group))
             self.producers[group.key] = list(group.producers)
         if pending:
@@ -161,11 +186,16 @@ class ASSLModule(SRModule):
             return False
         self._to_weight_norm()
         self._select(self.structure.groups)
+        self.prune_stats = scale_stats(self.network, self.structure, self.plan)
         self.network = prune_network(self.network, self.structure, self.plan)
         self.stage = "compact"
         self._cost_cache = None
         self._deploy_cache = None
         self._log_widths("assl/kept_widths")
+        if self.save_pruned and self._trainer is not None:
+            save_side_checkpoint(self.trainer, "pruned")
+        if self.reinit_after_prune:
+            reinitialize(self.network)
         return True
 
     def inference_network(self) -> torch.fx.GraphModule:
@@ -306,7 +336,7 @@ class ASSLModule(SRModule):
     def structure_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"stage": self.stage, "plan": {k: list(v) for k, v in self.plan.items()},
                                  "producers": {k: list(v) for k, v in self.producers.items()},
-                                 "growth": self.growth.state()}
+                                 "growth": self.growth.state(), "prune_stats": self.prune_stats}
         if self.stage == "wn":
             state["weight_norm"] = [name for name, module in self.network.named_modules()
                                     if isinstance(module, WNConv2d)]
@@ -321,6 +351,7 @@ class ASSLModule(SRModule):
         self.plan = {str(key): [int(i) for i in value] for key, value in (state.get("plan") or {}).items()}
         self.producers = {str(key): list(value) for key, value in (state.get("producers") or {}).items()}
         self.growth.load(state.get("growth") or {})
+        self.prune_stats = dict(state.get("prune_stats") or {})
         if stage == "wn":
             self._to_weight_norm(state.get("weight_norm"))  # absent in older checkpoints: pruned convs only
         elif stage == "compact":

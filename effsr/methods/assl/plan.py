@@ -11,9 +11,11 @@ from torch import Tensor, nn
 
 from effsr.errors import ConfigError
 from effsr.methods.assl.channels import ChannelGroup, ChannelStructure
-from effsr.methods.assl.weight_norm import filter_scales
+from effsr.methods.assl.weight_norm import WNConv2d, filter_scales
 
 Ranking = Literal["first", "sum"]
+Criterion = Literal["scale", "l1_norm"]
+CRITERIA = ("scale", "l1_norm")
 
 
 def num_kept(channels: int, ratio: float | None = None, keep: int | None = None,
@@ -46,12 +48,27 @@ def top_indices(importance: Tensor, count: int) -> list[int]:
     return sorted(int(index) for index in order)
 
 
-def group_importance(network: nn.Module, group: ChannelGroup, ranking: Ranking = "first") -> Tensor:
-    """Importance of a group's channels: its first producer's |γ| (paper) or the sum over producers."""
+def filter_l1(conv: nn.Conv2d) -> Tensor:
+    """Per-filter mean |W| of the weight the conv applies (γ folded in a WN conv): the L1-norm pruning criterion
+    (official ``l1_pruner``), detached."""
+    weight = conv.effective_weight() if isinstance(conv, WNConv2d) else conv.weight
+    return weight.detach().abs().flatten(1).mean(dim=1)
+
+
+def group_importance(network: nn.Module, group: ChannelGroup, ranking: Ranking = "first",
+                     criterion: Criterion = "scale") -> Tensor:
+    """Importance of a group's channels: its first producer's score (paper) or the sum over producers.
+
+    The score is |γ| (``scale``: ASSL; ‖W_i‖ of a plain conv) or the per-filter mean |W| (``l1_norm``: the
+    L1-norm pruning baseline, constrained groups aligned to their first layer as the official code does).
+    """
+    if criterion not in CRITERIA:
+        raise ConfigError(f"unknown ASSL prune_criterion {criterion!r} ({', '.join(CRITERIA)})")
+    score = filter_scales if criterion == "scale" else filter_l1
     if ranking == "first" or not group.constrained:
-        return filter_scales(network.get_submodule(group.producers[0]))
+        return score(network.get_submodule(group.producers[0]))
     if ranking == "sum":
-        return torch.stack([filter_scales(network.get_submodule(name)) for name in group.producers]).sum(dim=0)
+        return torch.stack([score(network.get_submodule(name)) for name in group.producers]).sum(dim=0)
     raise ConfigError(f"unknown ASSL constrained_ranking {ranking!r} (first, sum)")
 
 
@@ -71,3 +88,20 @@ def pruned_indices(channels: int, kept: Sequence[int]) -> list[int]:
     kept_set = set(kept)
     return [index for index in range(channels) if index not in kept_set]
 
+
+
+def scale_stats(network: nn.Module, structure: ChannelStructure,
+                plan: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """Per group of a planned network (before the prune): mean |γ| (‖W_i‖ of a plain conv) of its kept and its
+    pruned filters over all producers, and the largest pruned over the smallest kept: how far the penalty drove
+    the pruned filters down before they are removed."""
+    stats: dict[str, dict[str, float]] = {}
+    for group in structure.groups:
+        pruned = torch.tensor(pruned_indices(group.channels, plan[group.key]), dtype=torch.long)
+        if len(pruned) == 0:
+            continue
+        kept = torch.tensor(plan[group.key], dtype=torch.long)
+        scales = torch.stack([filter_scales(network.get_submodule(name)).float().cpu() for name in group.producers])
+        stats[group.key] = {"kept_mean": float(scales[:, kept].mean()), "pruned_mean": float(scales[:, pruned].mean()),
+                            "pruned_max_over_kept_min": float(scales[:, pruned].max() / scales[:, kept].min())}
+    return stats

@@ -77,3 +77,12 @@ def apply_shapes(network: nn.Module, shapes: dict[str, Sequence[int]]) -> None:
             dilation=conv.dilation, bias=conv.bias is not None, device=conv.weight.device,
             dtype=conv.weight.dtype), strict=True)
 
+
+
+def reinitialize(network: nn.Module) -> None:
+    """Re-initialises every conv in module order with its own ``reset_parameters()`` (the network's default init
+    at the conv's current fan-in): the pruned architecture trained from scratch (official ``--reinit``, which uses
+    Kaiming-normal instead)."""
+    for module in network.modules():
+        if isinstance(module, nn.Conv2d):
+            module.reset_parameters()
