@@ -140,6 +140,33 @@ def nm_record(context: ExtraContext) -> dict[str, Any]:
             "dense_macs_720p_per_layer": dense}
 
 
+def assl_record(context: ExtraContext) -> dict[str, Any]:
+    """ASSL arms: kept output channels per pruned conv, |γ| of kept vs pruned filters right before the prune (the
+    checkpoint's structure state), PSNR-Y per set right after the prune (the ``<name>_pruned`` model of the same
+    seed in compare.json, when declared) next to this model's own, plus the training record."""
+    record = training_record(context)
+    if context.checkpoint is None:
+        return record
+    from effsr.weights import read_checkpoint
+
+    structure = read_checkpoint(context.checkpoint).get("effsr", {}).get("structure", {})
+    plan, producers = structure.get("plan", {}), structure.get("producers", {})
+    widths = {name: len(plan[key]) for key, names in producers.items() for name in names if key in plan}
+    name, _, seed = context.entry["name"].rpartition("-s")
+    compare = Path(context.entry["test_results"]).parents[1] / "compare.json"
+    pruned = {}
+    if name and not name.endswith("_pruned") and compare.is_file():
+        entries = {item["name"]: item for item in json.loads(compare.read_text())["models"]}
+        source = entries.get(f"{name}_pruned-s{seed}")
+        if source is not None:
+            results = json.loads(Path(source["test_results"]).read_text())
+            pruned = {set_name: row["psnr_y"] for set_name, row in results.items() if isinstance(row, dict)}
+    own = json.loads(Path(context.entry["test_results"]).read_text())
+    return {**record, "kept_widths": widths, "prune_scale_stats": structure.get("prune_stats", {}),
+            "psnr_y_after_prune": pruned or None,
+            "psnr_y_final": {set_name: row["psnr_y"] for set_name, row in own.items() if isinstance(row, dict)}}
+
+
 _EDSR_SMALL = "experiments/small/edsr_small_x2.yaml"
 _CLASSSR_SMALL = "experiments/small/classsr_x4.yaml"
 _SMSR_SMALL = "experiments/small/smsr_x2.yaml"
@@ -172,6 +199,25 @@ def _nm_models(extra_overrides: tuple[str, ...] = (), dense: FitStage = _NM_DENS
                      *extra_overrides), dense)
             for budget in budgets for kind in kinds]
     return (ModelDecl("dense", "baseline", (dense,), seeded=False, extra=training_record), *arms)
+
+
+_ASSL_DENSE = FitStage("experiments/small/assl_x2_dense.yaml", shared=True)
+_FROM_DENSE = ("--model.init_args.dense_checkpoint={prev}",)
+
+
+def _assl_models() -> tuple[ModelDecl, ...]:
+    """assl_x2: one dense start (shared), then ASSL, L1-norm pruning + the same finetune, the compact network
+    from scratch for the same total steps; the pruned models before their finetune as variants."""
+    return (
+        ModelDecl("dense", "baseline", (_ASSL_DENSE,), seeded=False, extra=training_record),
+        ModelDecl("assl", "method", (_ASSL_DENSE, FitStage("experiments/small/assl_x2.yaml", _FROM_DENSE)),
+                  extra=assl_record),
+        ModelDecl("assl_pruned", "variant", from_run=("assl", "pruned/pruned.ckpt"), extra=assl_record),
+        ModelDecl("l1norm", "baseline", (_ASSL_DENSE, FitStage("experiments/small/assl_x2_l1norm.yaml",
+                                                                _FROM_DENSE)), extra=assl_record),
+        ModelDecl("l1norm_pruned", "variant", from_run=("l1norm", "pruned/pruned.ckpt"), extra=assl_record),
+        ModelDecl("scratch", "baseline", (FitStage("experiments/small/assl_x2_scratch.yaml"),), extra=assl_record),
+    )
 
 
 _NM_SMOKE_DENSE = FitStage("experiments/small/nm_x4_dense.yaml", (
@@ -234,6 +280,17 @@ EXPERIMENTS: dict[str, Experiment] = {
                     "vs one-shot N:M (M = 32) on MSRResNet ×4, 251 weight updates per arm from one dense start.",
             models=_nm_models(budgets=("0.25",), kinds=("sls", "oneshot", "uniform")),
             claim=("sls_0.25", "uniform_0.25"),
+        ),
+        Experiment(
+            name="assl_x2",
+            scale=2,
+            summary="ASSL's ablation on LEDSR ×2 (64 features, 4 blocks) from one dense start (1500 steps, shared by "
+                    "all arms and seeds): (a) ASSL (200 ssa, 200 growing L2, 300 stabilize, prune, 1000 finetune) "
+                    "to 16 of 64 filters per layer, (b) that compact network from scratch for 3200 steps (= dense + "
+                    "ASSL), (c) L1-norm pruning of the dense model to the same widths + the same finetune; "
+                    "`*_pruned`: (a)/(c) right after the prune, before finetuning.",
+            models=_assl_models(),
+            claim=("assl", "scratch"),
         ),
         Experiment(
             name="nm_x4_smoke",
