@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
+from effsr.distributed import gather_with_grad
 from effsr.errors import ConfigError
 from effsr.methods.classsr import (
     Classifier,
@@ -22,7 +23,6 @@ from effsr.methods.classsr import (
     ClassSRNet,
     average_loss,
     class_loss,
-    gather_with_grad,
     split_by_score,
 )
 

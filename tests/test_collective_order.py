@@ -36,7 +36,7 @@ def test_classsr_export_reads_log_dir_on_a_non_zero_rank_too(
     trainer = _CountingTrainer(tmp_path)
     stub = SimpleNamespace(export_backbones=export_backbones, _trainer=trainer, trainer=trainer)
     stub._run_config_path = lambda: ClassSRModule._run_config_path(stub)
-    monkeypatch.setattr(classsr_module, "_rank", lambda: 1)
+    monkeypatch.setattr(classsr_module, "rank", lambda: 1)
     ClassSRModule._export(stub, "reference", 2)
     assert trainer.log_dir_reads == (1 if export_backbones else 0)  # rank 0 reads it once when it exports
     assert list(tmp_path.iterdir()) == []

@@ -23,7 +23,7 @@ from effsr.methods.classsr.checkpoints import (
     wide_branch_filter,
 )
 from effsr.methods.classsr.cost import CLASS_NAMES, routed_costs
-from effsr.methods.classsr.losses import average_loss, class_loss, gather_with_grad
+from effsr.methods.classsr.losses import average_loss, class_loss
 from effsr.methods.classsr.module import PHASE_KINDS, ClassSRModule
 from effsr.methods.classsr.network import Classifier, ClassSRNet, RoutedClassSR
 from effsr.methods.classsr.split import SPLIT_VERSION, split_by_score, split_by_thresholds
@@ -40,7 +40,6 @@ __all__ = [
     "backbone_config",
     "class_loss",
     "export_backbone",
-    "gather_with_grad",
     "load_reference_weights",
     "load_split_model",
     "routed_costs",

@@ -3,15 +3,14 @@ and set (:class:`RoutedCostMixin`)."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 
-from effsr.cost import count_macs, count_params, lr_size_for_720p, macs_at_720p
+from effsr.cost import count_params, lr_size_for_720p, meta_macs, meta_macs_720p
 from effsr.errors import ConfigError
 from effsr.inference.tiling import RoutedOutput, route_overlay, tile_grid
 from effsr.metrics import psnr as psnr_fn
@@ -29,7 +28,7 @@ def routed_costs(network: ClassSRNet, proportions: Sequence[float], *, patch_siz
                  classifier: bool = True) -> dict[str, Any]:
     """ClassSR's cost at class proportions ``p`` (share of patches per branch), every count from :mod:`effsr.cost`.
 
-    - ``macs_720p`` (conventions.md's unit, the ClassSR definition): Σ_k p_k·MACs_720p(branch k) + the
+    - ``macs_720p`` (docs/protocol.md's unit, the ClassSR definition): Σ_k p_k·MACs_720p(branch k) + the
       classifier on each of the ``tile_patches_720p`` patches (``patch_size``, ``stride``) of the 720p LR frame.
     - ``macs_per_lr_patch_32``: Σ_k p_k·MACs(branch k, 32×32 LR patch) + the classifier's; ``flops_classsr`` =
       2 × that, the unit of the ClassSR tables.
@@ -48,15 +47,15 @@ def routed_costs(network: ClassSRNet, proportions: Sequence[float], *, patch_siz
     scale = network.scale
     tiles = len(tile_grid(*lr_size_for_720p(scale), patch_size, stride))
     patch_32 = torch.zeros(1, 3, 32, 32)
-    branch_720p = [_meta_macs_720p(branch, scale) for branch in network.branches]
-    branch_32 = [_meta_macs(branch, patch_32) for branch in network.branches]
-    classifier_32 = _meta_macs(network.classifier, patch_32) if classifier else 0
+    branch_720p = [meta_macs_720p(branch, scale) for branch in network.branches]
+    branch_32 = [meta_macs(branch, patch_32) for branch in network.branches]
+    classifier_32 = meta_macs(network.classifier, patch_32) if classifier else 0
     if patch_size == 32:
         branch_tile, classifier_tile = branch_32, classifier_32
     else:
         tile = torch.zeros(1, 3, patch_size, patch_size)
-        branch_tile = [_meta_macs(branch, tile) for branch in network.branches]
-        classifier_tile = _meta_macs(network.classifier, tile) if classifier else 0
+        branch_tile = [meta_macs(branch, tile) for branch in network.branches]
+        classifier_tile = meta_macs(network.classifier, tile) if classifier else 0
 
     def mix(values: list[int]) -> float:
         return float(sum(share * value for share, value in zip(shares, values, strict=True)))
@@ -78,24 +77,8 @@ def routed_costs(network: ClassSRNet, proportions: Sequence[float], *, patch_siz
         "macs_per_lr_patch_32_classifier": float(classifier_32),
         "tile_patches_720p": tiles,
         "macs_720p_tiled": tiles * (mix(branch_tile) + classifier_tile),
-        "macs_720p_soft_mixture": float(_meta_macs_720p(network, scale)),
+        "macs_720p_soft_mixture": float(meta_macs_720p(network, scale)),
     }
-
-
-def _meta_macs(module: nn.Module, example: Tensor) -> int:
-    """MACs of ``module(example)`` counted on a meta-device copy (shapes only), else on the module's device."""
-    try:
-        return count_macs(copy.deepcopy(module).to("meta"), example.to("meta"))
-    except (NotImplementedError, RuntimeError):
-        device = next(module.parameters()).device
-        return count_macs(module, example.to(device))
-
-
-def _meta_macs_720p(module: nn.Module, scale: int) -> int:
-    try:
-        return macs_at_720p(copy.deepcopy(module).to("meta"), scale, device="meta")
-    except (NotImplementedError, RuntimeError):
-        return macs_at_720p(module, scale)
 
 
 class RoutedCostMixin:
@@ -107,8 +90,8 @@ class RoutedCostMixin:
         ``force_branch`` skips it)."""
         if self._patch_macs_cache is None:
             patch = torch.zeros(1, 3, self.patch_size, self.patch_size)
-            branch_macs = [_meta_macs(branch, patch) for branch in self.network.branches]
-            self._patch_macs_cache = (branch_macs, _meta_macs(self.network.classifier, patch))
+            branch_macs = [meta_macs(branch, patch) for branch in self.network.branches]
+            self._patch_macs_cache = (branch_macs, meta_macs(self.network.classifier, patch))
         branch_macs, classifier_macs = self._patch_macs_cache
         return branch_macs, 0 if self.force_branch is not None else classifier_macs
 

@@ -1,9 +1,8 @@
-"""ClassSR's losses: L_class (one-hot pressure) and L_avg (equal use of the classes over the global batch)."""
+"""ClassSR's losses: L_class (one-hot pressure) and L_avg (equal use of the classes over the global batch;
+the module gathers the probabilities of all ranks with :func:`effsr.distributed.gather_with_grad`)."""
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
 from torch import Tensor
 
 
@@ -23,11 +22,3 @@ def average_loss(probabilities: Tensor, normalized: bool = True) -> Tensor:
     loss = (probabilities.sum(dim=0) - target).abs().sum()
     return loss / (4 * target) if normalized else loss
 
-
-def gather_with_grad(tensor: Tensor) -> Tensor:
-    """Concatenates ``tensor`` over all DDP ranks keeping gradients (identity when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor), dim=0)

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from effsr.checkpointing import save_side_checkpoint
+from effsr.distributed import gather_with_grad, rank
 from effsr.errors import ConfigError
 from effsr.inference.tiling import RoutedOutput
 from effsr.methods.classsr.checkpoints import (
@@ -42,12 +43,9 @@ from effsr.methods.classsr.checkpoints import (
     load_reference_weights,
 )
 from effsr.methods.classsr.cost import RoutedCostMixin
-from effsr.methods.classsr.losses import average_loss, class_loss, gather_with_grad
+from effsr.methods.classsr.losses import average_loss, class_loss
 from effsr.methods.classsr.network import ClassSRNet, RoutedClassSR
-from effsr.methods.classsr.split import (
-    SplitMixin,
-    _rank,
-)
+from effsr.methods.classsr.split import SplitMixin
 from effsr.models.base import SRModule
 
 PHASE_KINDS = ("reference", "split", "branches", "classifier", "joint")
@@ -240,7 +238,7 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         if not self.export_backbones or self._trainer is None:
             return
         source = self._run_config_path()  # every rank: trainer.log_dir is a collective (strategy.broadcast)
-        if _rank() != 0:
+        if rank() != 0:
             return
         import yaml
 

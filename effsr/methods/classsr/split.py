@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from effsr.distributed import all_gather_objects, broadcast_object, rank
 from effsr.errors import ConfigError
 from effsr.methods.classsr.checkpoints import load_split_model
 from effsr.metrics import psnr as psnr_fn
@@ -52,30 +52,6 @@ def split_by_thresholds(scores: np.ndarray, thresholds: Sequence[float]) -> np.n
     ordered = np.sort(np.asarray(thresholds, dtype=np.float64))[::-1]
     values = np.asarray(scores, dtype=np.float64)
     return (values[:, None] < ordered[None, :]).sum(axis=1).astype(np.uint8)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _broadcast_object(value: Any) -> Any:
-    if not _distributed():
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def _all_gather_object(value: Any) -> list[Any]:
-    if not _distributed():
-        return [value]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
 
 
 def _histogram_image(scores: np.ndarray, thresholds: list[float], title: str) -> np.ndarray:
@@ -142,7 +118,7 @@ class SplitMixin:
         loader = datamodule.subimage_dataloader(batch_size=self.split_batch_size, split_across_ranks=True)
         device = next(self.network.parameters()).device
         reference.to(device)
-        if _rank() == 0:
+        if rank() == 0:
             rank_zero_info(f"[effsr] ClassSR split: scoring {datamodule.num_subimages} sub-images "
                            f"({len(loader)} batches of {self.split_batch_size} per rank)")
         try:
@@ -153,7 +129,7 @@ class SplitMixin:
                 values = psnr_fn(sr, hr, crop_border=crop, y_channel=self.split_metric == "y")
                 indices.append(batch["index"].numpy())
                 scores.append(values.cpu().numpy())
-                if (batch_index + 1) % 200 == 0 and _rank() == 0:
+                if (batch_index + 1) % 200 == 0 and rank() == 0:
                     rank_zero_info(f"[effsr] ClassSR split: {batch_index + 1}/{len(loader)} batches scored on rank 0")
         finally:
             reference.train(was_training)
@@ -161,7 +137,7 @@ class SplitMixin:
                  np.concatenate(scores) if scores else np.zeros(0, np.float64))
         total = datamodule.num_subimages
         full = np.full(total, np.nan, dtype=np.float64)
-        for part_indices, part_scores in _all_gather_object(local):
+        for part_indices, part_scores in all_gather_objects(local):
             full[part_indices] = part_scores
         if np.isnan(full).any():
             raise ConfigError("ClassSR split: some sub-images were not scored (sampler/rank mismatch)")
@@ -182,15 +158,15 @@ class SplitMixin:
         key = self.split_cache_key(datamodule, scorer)
         path = self._split_folder(datamodule) / f"split-{key}.npz"
         scores = None
-        if _rank() == 0 and path.is_file():
+        if rank() == 0 and path.is_file():
             with np.load(path) as stored:
                 if len(stored["scores"]) == datamodule.num_subimages:
                     scores = stored["scores"]
-        scores = _broadcast_object(scores)
+        scores = broadcast_object(scores)
         cached = scores is not None
         if scores is None:
             scores = self.score_subimages(datamodule, scorer)
-            if _rank() == 0:
+            if rank() == 0:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 handle, temporary = tempfile.mkstemp(prefix=".split-", suffix=".npz", dir=path.parent)
                 with os.fdopen(handle, "wb") as stream:
@@ -218,7 +194,7 @@ class SplitMixin:
         return self.split_info
 
     def _log_split(self, scores: np.ndarray, thresholds: list[float]) -> None:
-        if self._trainer is None or _rank() != 0:
+        if self._trainer is None or rank() != 0:
             return
         metrics = {f"split/threshold_{k}": value for k, value in enumerate(thresholds)}
         metrics.update({"split/cached": float(self.split_info["cached"]), "split/num_subimages": float(len(scores)),
