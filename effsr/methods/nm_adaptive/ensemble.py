@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effsr.cost import macs_at_720p
 from effsr.inference.tiling import routed_forward
 from effsr.methods.nm_adaptive.estimator import MSEEstimator, patch_mse
-from effsr.methods.nm_sparsity.convert import convert_to_nm, nm_layers
+from effsr.methods.nm_sparsity.convert import convert_to_nm, nm_layers, nm_macs_720p
 from effsr.weights import load_network_state, read_checkpoint, state_dict_of, strip_prefix
 
 __all__ = ["NMEnsemble", "build_member", "load_nm_member", "member_cost", "member_structure"]
@@ -125,13 +124,8 @@ def member_cost(network: nn.Module) -> float:
     layers = nm_layers(network)
     if not layers:
         return 1.0
-    plain = copy.deepcopy(network).to("meta")
-    for layer in nm_layers(plain).values():
-        layer.enabled = False  # counts the dense conv
-    dense = macs_at_720p(plain, device="meta")
-    dense_layers = sum(int(layer.dense_macs) for layer in layers.values())
-    sparse = sum(int(layer.dense_macs) * layer.n // layer.m for layer in layers.values())
-    return (dense - dense_layers + sparse) / dense
+    macs, dense = nm_macs_720p(network)
+    return macs / dense
 
 
 def build_member(network: nn.Module, fixed_n: dict[str, int | None] | None, m: int) -> nn.Module:

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from effsr.cost import count_macs, lr_size_for_720p
+from effsr.cost import count_macs, lr_size_for_720p, macs_at_720p
 from effsr.errors import ConfigError
 from effsr.methods.nm_sparsity.layer import NMConv2d
 
-__all__ = ["convert_to_nm", "dense_layer_macs", "export_masked", "fill_budget", "nm_layers", "patch_cost",
-           "sparse_cost_fraction", "sparsifiable_convs", "to_semi_structured_2to4"]
+__all__ = ["convert_to_nm", "dense_layer_macs", "export_masked", "fill_budget", "nm_layers", "nm_macs_720p",
+           "patch_cost", "sparse_cost_fraction", "sparsifiable_convs", "to_semi_structured_2to4"]
 
 
 
@@ -75,9 +75,20 @@ def dense_layer_macs(network: nn.Module, names: Sequence[str]) -> dict[str, int]
 
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+def nm_macs_720p(network: nn.Module, scale: int | None = None) -> tuple[int, int]:
+    """(MACs for a 1280×720 output with each N:M layer at N/M of its dense MACs, the same network dense).
+
+    The dense count runs on a meta copy (shapes only) whose N:M layers compute as their dense convs; the N:M
+    layers' share is then replaced by ``dense_macs · N // M`` per layer (what the sparse kernels would do).
+    """
+    layers = nm_layers(network)
+    plain = copy.deepcopy(network).to("meta")
+    for layer in nm_layers(plain).values():
+        layer.enabled = False  # counts the dense conv
+    dense = macs_at_720p(plain, scale, device="meta")
+    dense_layers = sum(int(layer.dense_macs) for layer in layers.values())
+    sparse = sum(int(layer.dense_macs) * layer.n // layer.m for layer in layers.values())
+    return dense - dense_layers + sparse, dense
 
 
 
@@ -91,7 +102,7 @@ def convert_to_nm(network: nn.Module, m: int, score_max: float = 1.03) -> list[s
     for name in names:
         layer = NMConv2d.from_conv(network.get_submodule(name), m, score_max)
         layer.dense_macs.fill_(macs[name])
-        _set_submodule(network, name, layer)
+        network.set_submodule(name, layer, strict=True)
     return names
 
 
@@ -155,7 +166,7 @@ def export_masked(network: nn.Module) -> nn.Module:
     """A copy of ``network`` with every N:M layer replaced by a plain conv holding the masked weights."""
     exported = copy.deepcopy(network)
     for name, layer in nm_layers(exported).items():
-        _set_submodule(exported, name, layer.to_dense_conv())
+        exported.set_submodule(name, layer.to_dense_conv(), strict=True)
     return exported
 
 

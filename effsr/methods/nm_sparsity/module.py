@@ -8,7 +8,6 @@ search; ``finetune`` freezes N (the remaining budget filled, or a warning when t
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Literal
 
 import torch
@@ -17,7 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from effsr.cost import count_params, macs_at_720p
+from effsr.cost import count_params
 from effsr.errors import CheckpointError, ConfigError
 from effsr.loggers import log_bar_chart
 from effsr.methods.nm_sparsity.convert import (
@@ -25,6 +24,7 @@ from effsr.methods.nm_sparsity.convert import (
     export_masked,
     fill_budget,
     nm_layers,
+    nm_macs_720p,
     patch_cost,
     sparse_cost_fraction,
 )
@@ -291,16 +291,13 @@ class NMSparsityModule(SRModule):
 
     def cost_report(self) -> dict[str, float]:
         layers = self.layers()
-        dense_copy = copy.deepcopy(self.network).to("meta")
-        for layer in nm_layers(dense_copy).values():
-            layer.enabled = False
-        dense_network = macs_at_720p(dense_copy, self.scale, device="meta")
+        macs, dense_network = nm_macs_720p(self.network, self.scale)
         dense_sparse_layers = sum(int(layer.dense_macs) for layer in layers.values())
         sparse = sum(int(layer.dense_macs) * layer.n // layer.m for layer in layers.values())
         removed = sum(layer.weight.numel() * (layer.m - layer.n) // layer.m for layer in layers.values())
         scores = sum(layer.scores.numel() for layer in layers.values())
         report: dict[str, float] = {
-            "macs_720p": float(dense_network - dense_sparse_layers + sparse),
+            "macs_720p": float(macs),
             "dense_macs_720p": float(dense_network),
             "params": float(count_params(self.network) - removed - scores),
             "nm_cost_fraction": sparse / max(1, dense_sparse_layers),
