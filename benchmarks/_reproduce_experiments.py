@@ -251,14 +251,13 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment(
             name="classsr_x4",
             scale=4,
-            summary=("ClassSR ×4, MSRResNet branches 16/24/32 (3 blocks), the whole pipeline (reference → split → "
-                     "branches → classifier → joint) vs its -O model (the width-32 reference on all sub-images) "
-                     "and each branch alone; class shares and FLOPs % of -O per set in the JSON."),
+            summary=("ClassSR ×4, MSRResNet branches 16/24/32 (3 blocks), the official pipeline (reference → split → "
+                     "branches from scratch, 300 steps each like -O → classifier with frozen branches) vs its -O model "
+                     "(the width-32 reference on all sub-images) and each branch alone; class shares and FLOPs % of "
+                     "-O per set in the JSON."),
             models=(
                 ModelDecl("classsr", "method", (FitStage(_CLASSSR_SMALL),), extra=classsr_record),
                 ModelDecl("-O", "baseline", from_run=("classsr", "reference/reference.ckpt")),
-                ModelDecl("classsr_before_joint", "variant", from_run=("classsr", "before_joint/before_joint.ckpt"),
-                          extra=classsr_record),
                 *(ModelDecl(f"branch_{k}", "variant", from_run=("classsr", f"branch_{k}/branch_{k}.ckpt"))
                   for k in range(3)),
             ),
