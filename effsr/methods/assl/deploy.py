@@ -13,8 +13,28 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effsr.errors import ConfigError
 from effsr.methods.assl.channels import _ConvLeafTracer
 from effsr.methods.assl.weight_norm import fold_weight_norm
+
+_CPU_FLOAT_LANES = {"AVX512": 16, "AVX2": 8, "SVE256": 8}
+
+
+def hardware_channel_multiple(device: torch.device | str = "cpu") -> int:
+    """The ``keep_multiple_of`` that gives a compact network whole vector/tensor-core tiles on ``device``.
+
+    CPU: the float32 lanes of the widest vector ISA torch dispatches to (AVX-512: 16, AVX2 or SVE256: 8, other
+    128-bit ISAs: 4); oneDNN's NHWC convs vectorise output channels, and a channel count one above a multiple
+    (ASSL's 49 = 6·8 + 1) costs a whole extra vector per pixel (measured: a 49-channel 3×3 conv takes as long
+    as 49 → 56 on AVX2, docs/benchmarks.md). CUDA: 8, the channel multiple tensor cores need for fp16/bf16
+    convs. Both round the paper's 49 to 48.
+    """
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return _CPU_FLOAT_LANES.get(torch.backends.cpu.get_cpu_capability(), 4)
+    if kind == "cuda":
+        return 8
+    raise ConfigError(f"no documented channel multiple for device {kind!r}; set keep_multiple_of explicitly")
 
 
 class FusedConv2d(nn.Module):
