@@ -294,11 +294,11 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment(
             name="assl_x2",
             scale=2,
-            summary="ASSL's ablation on LEDSR ×2 (64 features, 4 blocks) from one dense start (1000 steps, shared by "
-                    "all arms and seeds): (a) ASSL (200 ssa, 200 growing L2, 300 stabilize, prune, 700 finetune) "
-                    "to 16 of 64 filters per layer, (b) that compact network from scratch for 2400 steps (= dense + "
-                    "ASSL), (c) L1-norm pruning of the dense model to the same widths + the same finetune; "
-                    "`*_pruned`: (a)/(c) right after the prune, before finetuning.",
+            summary="ASSL's ablation on LEDSR ×2 (48 features, 4 blocks, batch 8 of 24×24 LR patches) from one "
+                    "dense start (1000 steps, shared by all arms and seeds): (a) ASSL (200 ssa, 200 growing L2, "
+                    "300 stabilize, prune, 600 finetune) to 12 of 48 filters per layer, (b) that compact network "
+                    "from scratch for 2300 steps (= dense + ASSL), (c) L1-norm pruning of the dense model to the "
+                    "same widths + the same finetune; `*_pruned`: (a)/(c) right after the prune, before finetuning.",
             models=_assl_models(),
             claim=("assl", "scratch"),
         ),
