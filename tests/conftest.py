@@ -1,5 +1,7 @@
 """Shared test set-up: one torch thread, one cache of the sample set per session, an environment free of the
-user's W&B and launcher settings, the range check for PSNRs of short training runs, and the test tiers.
+user's W&B and launcher settings, the range check for PSNRs of short training runs, the test tiers, and the
+fixtures several test files share (a code-running pickle, HR photo folders, W&B run summaries, SMSR with
+random masks).
 
 Tiers (markers registered in pyproject.toml): every test carries exactly one of ``unit``, ``integration``, ``e2e``,
 ``ddp``, ``gpu``: a module-level ``pytestmark`` where a file is one tier, a decorator per test where it is mixed.
@@ -8,13 +10,17 @@ developer loop is ``pytest -m "not e2e and not ddp"`` (``make test-fast``); ``ma
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # One intra-op thread per process unless the caller sets OMP_NUM_THREADS: on a busy 2-core machine the
 # networks of the tests are so small that OpenMP's spin-waiting threads cost 5-20× the work (measured: a tiny
@@ -103,3 +109,73 @@ def assert_psnr_in_range() -> Callable[[float], None]:
     """The one PSNR check of a short end-to-end run: finite and in (0, 100) dB. What a few training steps
     learn differs between CPUs (kernels differ), so no test asserts a learned PSNR level."""
     return _check_psnr
+
+
+class CodePickle:
+    """A pickle payload whose unpickling runs a shell command that creates :attr:`marker`: a loader that allowed
+    arbitrary code would run it (``weights_only=True`` refuses it). Pickle it as a value of a checkpoint dict."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+    @property
+    def ran(self) -> bool:
+        """Whether some loader unpickled (ran) the payload."""
+        return self.marker.exists()
+
+
+@pytest.fixture
+def code_pickle(tmp_path: Path) -> CodePickle:
+    """The code-running payload of the loader-security tests, its marker ``tmp_path / "pwned"``."""
+    return CodePickle(tmp_path / "pwned")
+
+
+@pytest.fixture
+def photo_folder(tmp_path: Path) -> Path:
+    """``tmp_path / "hr"`` with two 256×256 HR photographs (skimage's astronaut and coffee crops, ``a.png`` and
+    ``b.png``): a training set of real texture small enough to score every sub-image."""
+    from skimage import data
+
+    from effsr.data.io import write_image
+
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    write_image(folder / "a.png", np.ascontiguousarray(data.astronaut()[:256, :256]))
+    write_image(folder / "b.png", np.ascontiguousarray(data.coffee()[:256, 100:356]))
+    return folder
+
+
+def _wandb_summary(run_dir: Path) -> dict[str, Any]:
+    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(run_dir)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def wandb_summary() -> Callable[[Path], dict[str, Any]]:
+    """Reads the summary of an offline W&B run folder (``wandb leet inspect``, a subprocess) as a dict."""
+    return _wandb_summary
+
+
+def _smsr_with_random_masks(scale: int) -> torch.nn.Module:
+    from effsr.methods.smsr import SMSR
+
+    torch.manual_seed(scale)
+    network = SMSR(scale=scale, num_features=32, num_modules=3).eval()
+    with torch.no_grad():
+        for module in network.body:
+            module.body.ch_mask.normal_()
+            module.spa_mask[5].bias.zero_()
+    return network
+
+
+@pytest.fixture
+def smsr_with_random_masks() -> Callable[[int], torch.nn.Module]:
+    """``build(scale)``: an SMSR (32 features, 3 modules, eval mode, seeded by ``scale``) whose channel-mask logits
+    are random and whose spatial masks are unbiased, so channel and spatial densities are mixed (the sparse
+    path's gathers, sparse convs and dense fallback all run). Draws after it continue the seeded stream."""
+    return _smsr_with_random_masks

@@ -5,10 +5,10 @@ FSRCNN variant and classifier initialisation, the official options of the paper 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -27,6 +27,9 @@ from effsr.methods.classsr import (
     split_by_thresholds,
 )
 from effsr.metrics import psnr
+
+if TYPE_CHECKING:
+    from conftest import CodePickle
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "experiments" / "tiny" / "classsr_x4.yaml"
@@ -168,23 +171,16 @@ def test_split_model_scores_the_split_and_fixed_thresholds_cut_it(tmp_path: Path
 
 
 # ------------------------------------------------------------------ the reference (-O) model
-class _RunsAShellCommand:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.unit
-def test_reference_checkpoint_is_not_read_in_init_and_a_code_pickle_is_refused(tmp_path: Path) -> None:
+def test_reference_checkpoint_is_not_read_in_init_and_a_code_pickle_is_refused(tmp_path: Path,
+                                                                               code_pickle: CodePickle) -> None:
     ClassSRModule(_network(), reference_checkpoint=str(tmp_path / "missing.ckpt"))  # no I/O at instantiation
-    marker, evil = tmp_path / "pwned", tmp_path / "evil.ckpt"
+    evil = tmp_path / "evil.ckpt"
     with open(evil, "wb") as stream:
-        pickle.dump({"state_dict": _RunsAShellCommand(marker)}, stream, protocol=2)
+        pickle.dump({"state_dict": code_pickle}, stream, protocol=2)
     with pytest.raises(CheckpointError, match="refusing to load reference_checkpoint"):
         load_reference_weights(_network(), str(evil))
-    assert not marker.exists()
+    assert not code_pickle.ran
 
 
 @pytest.mark.unit

@@ -4,9 +4,9 @@ own step counter and a search whose outcome (the expensive layer gets the smalle
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -15,6 +15,9 @@ import yaml
 
 from effsr.archs import MSRResNet
 from effsr.methods.nm_sparsity import NMConv2d, NMSparsityModule, fill_budget, patch_cost, sparse_cost_fraction
+
+if TYPE_CHECKING:
+    from conftest import CodePickle
 
 REPO = Path(__file__).resolve().parents[1]
 # Dense MACs per LR pixel of MSRResNet ×4, 32 features, 1 block (by hand): the two body convs 9·32·32 at LR,
@@ -222,24 +225,14 @@ def test_paper_configs_carry_the_official_regime(name: str) -> None:
     assert config["data"]["samples_per_epoch"] == 16000 and config["data"]["batch_size"] == 16
 
 
-class _RunsAShellCommand:
-    """A pickle payload that would create ``marker`` when unpickled with arbitrary code allowed."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.unit
-def test_dense_and_member_files_are_read_safely_in_setup_not_in_init(tmp_path: Path) -> None:
+def test_dense_and_member_files_are_read_safely_in_setup_not_in_init(tmp_path: Path, code_pickle: CodePickle) -> None:
     from effsr.errors import CheckpointError
     from effsr.methods.nm_adaptive import AdaptiveNMModule
 
-    marker, evil = tmp_path / "pwned", tmp_path / "evil.ckpt"
+    evil = tmp_path / "evil.ckpt"
     with open(evil, "wb") as file:
-        pickle.dump({"state_dict": _RunsAShellCommand(marker)}, file, protocol=2)
+        pickle.dump({"state_dict": code_pickle}, file, protocol=2)
     sparse = msrresnet_module(dense_checkpoint=str(tmp_path / "missing.ckpt"))  # no I/O in __init__
     with pytest.raises(CheckpointError, match="dense_checkpoint .*missing.ckpt"):
         sparse.on_setup("fit")
@@ -249,7 +242,7 @@ def test_dense_and_member_files_are_read_safely_in_setup_not_in_init(tmp_path: P
             adaptive.on_setup("fit")
     with pytest.raises(CheckpointError, match="refusing to load model.init_args.dense_checkpoint"):
         msrresnet_module(dense_checkpoint=str(evil)).on_setup("fit")
-    assert not marker.exists()
+    assert not code_pickle.ran
     # a dense checkpoint loads into the N:M network and the ranks follow the loaded weights
     dense = MSRResNet(4, num_features=32, num_blocks=1, pixel_range=255.0)
     torch.save({"state_dict": {f"network.{key}": value for key, value in dense.state_dict().items()}},

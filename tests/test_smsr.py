@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -13,6 +13,9 @@ import torch
 import effsr.methods.smsr as smsr  # noqa: E402
 from effsr.errors import CheckpointError
 from effsr.methods.smsr import SMSR, analytic_macs_720p, convert_official_checkpoint  # noqa: E402
+
+if TYPE_CHECKING:
+    from conftest import CodePickle
 
 OFFICIAL_SPARSE_COUNTS = [[40, 55, 61, 64], [48, 60, 63, 64], [48, 57, 63, 64], [61, 64, 64, 64], [50, 59, 64, 64]]
 
@@ -162,18 +165,13 @@ def test_converter_round_trip_legacy_format(tmp_path: Path) -> None:
     assert all(torch.equal(from_wrapped["state_dict"][key], value) for key, value in checkpoint["state_dict"].items())
 
 
-class _Evil:
-    def __reduce__(self) -> tuple:
-        return (os.system, ("echo pwned > /dev/null",))
-
-
 @pytest.mark.unit
-def test_converter_refuses_malicious_pickle(tmp_path: Path) -> None:
+def test_converter_refuses_malicious_pickle(tmp_path: Path, code_pickle: CodePickle) -> None:
     src = tmp_path / "evil.pt"
-    torch.save({"head.0.weight": torch.zeros(1), "payload": _Evil()}, src)
+    torch.save({"head.0.weight": torch.zeros(1), "payload": code_pickle}, src)
     with pytest.raises(CheckpointError, match="unpickling"):
         convert_official_checkpoint(str(src), str(tmp_path / "out.ckpt"), scale=2)
-    assert not (tmp_path / "out.ckpt").exists()
+    assert not (tmp_path / "out.ckpt").exists() and not code_pickle.ran
 
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -220,7 +218,7 @@ def _official_layout_state_dict(scale: int, width: int = 64, modules: int = 5, l
 
 @pytest.mark.e2e
 def test_convert_official_then_effsr_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+                                          capsys: pytest.CaptureFixture[str], code_pickle: CodePickle) -> None:
     """`effsr convert` of a legacy-format official state_dict, then `effsr test --config smsr_x2.yaml` on it."""
     from PIL import Image
     from skimage import data as skdata
@@ -261,12 +259,12 @@ def test_convert_official_then_effsr_test(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(CheckpointError, match="pixel_range=255.0"):
         module.on_load_checkpoint(bad)
     evil = tmp_path / "evil.pt"
-    torch.save({"head.0.weight": torch.zeros(1), "payload": _Evil()}, evil)
+    torch.save({"head.0.weight": torch.zeros(1), "payload": code_pickle}, evil)
     capsys.readouterr()
     assert cli.main(["convert", "--method", "smsr", "--scale", "2", str(evil), "out.ckpt"]) == 2
     message = capsys.readouterr().err
     assert "arbitrary unpickling" in message and "refusing" in message
-    assert not (tmp_path / "out.ckpt").exists()
+    assert not (tmp_path / "out.ckpt").exists() and not code_pickle.ran
 
 
 @pytest.mark.e2e

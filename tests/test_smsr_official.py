@@ -3,8 +3,8 @@ baseline, the weights policy, configs after the package split, and the sparse pa
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -21,6 +21,9 @@ from effsr.methods.smsr import (
     load_smsr_weights,
     plain_macs_720p,
 )
+
+if TYPE_CHECKING:
+    from conftest import CodePickle
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -133,17 +136,13 @@ def test_dense_masks_baseline_runs_every_channel_everywhere_and_costs_the_plain_
     assert report["params"] == _hand_count(2, width=16, modules=2, masks=False)
 
 
-class _Evil:
-    def __reduce__(self) -> tuple:
-        return (os.system, ("echo pwned > /dev/null",))
-
-
 @pytest.mark.unit
-def test_smsr_weights_with_code_in_the_pickle_are_refused(tmp_path: Path) -> None:
+def test_smsr_weights_with_code_in_the_pickle_are_refused(tmp_path: Path, code_pickle: CodePickle) -> None:
     evil = tmp_path / "evil.pt"
-    torch.save({"head.0.weight": torch.zeros(1), "payload": _Evil()}, evil)
+    torch.save({"head.0.weight": torch.zeros(1), "payload": code_pickle}, evil)
     with pytest.raises(CheckpointError, match="unpickling"):
         load_smsr_weights(str(evil))
+    assert not code_pickle.ran
 
 
 @pytest.mark.unit

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -12,6 +12,9 @@ from torch import nn
 
 from effsr.errors import CheckpointError
 from effsr.weights import load_network_state, read_checkpoint, strip_prefix
+
+if TYPE_CHECKING:
+    from conftest import CodePickle
 
 pytestmark = pytest.mark.unit
 
@@ -21,24 +24,13 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 3, 1))
 
 
-class _RunsAShellCommand:
-    """A pickle payload that would create ``marker`` when unpickled with arbitrary code allowed."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_a_pickle_that_runs_code_is_refused_and_never_runs(tmp_path: Path) -> None:
-    marker = tmp_path / "pwned"
+def test_a_pickle_that_runs_code_is_refused_and_never_runs(tmp_path: Path, code_pickle: CodePickle) -> None:
     path = tmp_path / "evil.ckpt"
     with open(path, "wb") as file:
-        pickle.dump({"state_dict": _RunsAShellCommand(marker)}, file, protocol=2)
+        pickle.dump({"state_dict": code_pickle}, file, protocol=2)
     with pytest.raises(CheckpointError, match="refusing to load reference_checkpoint .*evil.ckpt"):
         load_network_state(_net(), path, what="reference_checkpoint")
-    assert not marker.exists()
+    assert not code_pickle.ran
 
 
 def test_lightning_layout_with_network_prefix_loads_exactly(tmp_path: Path) -> None:
