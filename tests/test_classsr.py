@@ -105,22 +105,11 @@ def test_split_by_score_equal_classes_descending_thresholds() -> None:
     assert thresholds == [pytest.approx(33.0), pytest.approx(23.5)]
 
 
-def _hr_folder(folder: Path) -> Path:
-    from skimage import data
-
-    from effsr.data.io import write_image
-
-    folder.mkdir(parents=True)
-    write_image(folder / "a.png", np.ascontiguousarray(data.astronaut()[:256, :256]))
-    write_image(folder / "b.png", np.ascontiguousarray(data.coffee()[:256, 100:356]))
-    return folder
-
-
 @pytest.mark.unit
-def test_split_is_cached_reused_and_invalidated_by_new_weights(tmp_path: Path) -> None:
+def test_split_is_cached_reused_and_invalidated_by_new_weights(tmp_path: Path, photo_folder: Path) -> None:
     from effsr.data import SRDataModule
 
-    datamodule = SRDataModule(scale=4, train=str(_hr_folder(tmp_path / "hr")), train_crop="grid",
+    datamodule = SRDataModule(scale=4, train=str(photo_folder), train_crop="grid",
                               hr_subimage_size=128, hr_subimage_step=64, num_workers=0, val_sets=[],
                               cache_dir=str(tmp_path / "cache"))
     module = _tiny_module(split_cache_dir=str(tmp_path / "splits"))

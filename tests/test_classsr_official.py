@@ -105,16 +105,9 @@ def test_split_thresholds_option_needs_k_minus_one_values() -> None:
         ClassSRModule(_network(), split_thresholds=[30.0])
 
 
-def _datamodule(tmp_path: Path):  # noqa: ANN202 - SRDataModule
-    from skimage import data
-
+def _datamodule(folder: Path, tmp_path: Path):  # noqa: ANN202 - SRDataModule
     from effsr.data import SRDataModule
-    from effsr.data.io import write_image
 
-    folder = tmp_path / "hr"
-    folder.mkdir()
-    write_image(folder / "a.png", np.ascontiguousarray(data.astronaut()[:256, :256]))
-    write_image(folder / "b.png", np.ascontiguousarray(data.coffee()[:256, 100:356]))
     return SRDataModule(scale=4, train=str(folder), train_crop="grid", hr_subimage_size=128, hr_subimage_step=64,
                         num_workers=0, val_sets=[], cache_dir=str(tmp_path / "cache"))
 
@@ -132,8 +125,8 @@ def _direct_scores(network: nn.Module, datamodule) -> np.ndarray:  # noqa: ANN00
 
 
 @pytest.mark.unit
-def test_split_model_scores_the_split_and_fixed_thresholds_cut_it(tmp_path: Path) -> None:
-    datamodule = _datamodule(tmp_path)
+def test_split_model_scores_the_split_and_fixed_thresholds_cut_it(tmp_path: Path, photo_folder: Path) -> None:
+    datamodule = _datamodule(photo_folder, tmp_path)
     datamodule.setup("fit")
     torch.manual_seed(1)
     from effsr.archs import MSRResNet

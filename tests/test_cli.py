@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +26,10 @@ REPO = TESTS.parent
 TINY = TESTS / "configs" / "tiny_edsr.yaml"
 
 
-def _wandb_summary(run_dir: Path) -> dict:
-    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(run_dir)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
 @pytest.mark.e2e
 def test_wandb_offline_without_credentials_and_rerun_in_same_folder(
-    tmp_path: Path, no_wandb_credentials: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, no_wandb_credentials: Path, capsys: pytest.CaptureFixture[str],
+    wandb_summary: Callable[[Path], dict]
 ) -> None:
     root = tmp_path / "run"
     args = ["fit", "--config", str(TINY), "--trainer.default_root_dir", str(root),
@@ -45,7 +39,7 @@ def test_wandb_offline_without_credentials_and_rerun_in_same_folder(
     assert os.environ["WANDB_MODE"] == "offline"
     runs = sorted((root / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    summary = _wandb_summary(runs[0])
+    summary = wandb_summary(runs[0])
     metrics = json.dumps(summary)
     assert "val/sample/psnr_y" in metrics and "cost/macs_720p" in metrics
     assert "effsr_config" in metrics  # the resolved config is attached to the run

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -77,16 +78,10 @@ def _tiny_module(checkpoint: Path) -> SRModule:
     return module.eval()
 
 
-def _wandb_summary(run_dir: Path) -> dict:
-    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(run_dir)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
 @pytest.mark.e2e
 def test_compare_evaluates_bicubic_and_checkpoints_with_one_protocol(
-    fabricated: dict[str, Path], tmp_path: Path, no_wandb_credentials: Path, capsys: pytest.CaptureFixture[str]
+    fabricated: dict[str, Path], tmp_path: Path, no_wandb_credentials: Path, capsys: pytest.CaptureFixture[str],
+    wandb_summary: Callable[[Path], dict]
 ) -> None:
     out = tmp_path / "out"
     test_set = f"{fabricated['hr']}:{fabricated['lr']}"
@@ -130,7 +125,7 @@ def test_compare_evaluates_bicubic_and_checkpoints_with_one_protocol(
     assert len(tables) == 1
     logged = json.loads(tables[0].read_text())
     assert [row[0] for row in logged["data"]] == ["bicubic", "first", "run_b"]
-    summary = _wandb_summary(run_dir)["summary"]
+    summary = wandb_summary(run_dir)["summary"]
     assert summary["compare/table"]["nrows"] == 3 and summary["compare/pareto"]["format"] == "png"
     assert summary["compare/fabset/psnr_y_vs_gmacs_table"]["nrows"] == 3
     assert summary["first/fabset/psnr_y"] == pytest.approx(models["first"]["sets"]["fabset"]["psnr_y"])

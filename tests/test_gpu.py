@@ -4,7 +4,7 @@ weights compute, and a tiny fit under bf16 autocast."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,17 +26,12 @@ def exact_cuda_float32() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("scale", [2, 4])
-def test_smsr_sparse_equals_hard_masks_on_cuda(scale: int, exact_cuda_float32: None) -> None:
+def test_smsr_sparse_equals_hard_masks_on_cuda(scale: int, exact_cuda_float32: None,
+                                              smsr_with_random_masks: Callable[[int], nn.Module]) -> None:
     """Random channel masks and spatial masks of mixed density: the sparse path (gathers, sparse convs, the
     per-block dense fallback) gives the hard-mask forward on CUDA, and the CPU's output."""
-    from effsr.methods.smsr import SMSR
-
-    torch.manual_seed(scale)
-    network = SMSR(scale=scale, num_features=32, num_modules=3).eval()
+    network = smsr_with_random_masks(scale)
     with torch.no_grad():
-        for module in network.body:
-            module.body.ch_mask.normal_()
-            module.spa_mask[5].bias.zero_()
         x = torch.rand(2, 3, 23, 17)
         on_cpu = network.forward_hard(x)
         network = network.cuda()

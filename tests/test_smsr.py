@@ -33,13 +33,10 @@ def _set_channel_counts(network: SMSR, counts: list[list[int]]) -> None:
 
 @pytest.mark.unit
 @pytest.mark.parametrize("scale,size,batch", [(2, (17, 23), 2), (3, (16, 15), 1), (4, (9, 12), 3)])
-def test_sparse_equals_hard_masks_random(scale: int, size: tuple[int, int], batch: int) -> None:
-    torch.manual_seed(scale)
-    network = SMSR(scale=scale, num_features=32, num_modules=3).eval()
+def test_sparse_equals_hard_masks_random(scale: int, size: tuple[int, int], batch: int,
+                                         smsr_with_random_masks: Callable[[int], SMSR]) -> None:
+    network = smsr_with_random_masks(scale)
     with torch.no_grad():
-        for module in network.body:
-            module.body.ch_mask.normal_()
-            module.spa_mask[5].bias.zero_()
         x = torch.rand(batch, 3, *size)
         reference, sparse = network.forward_hard(x), network.forward_sparse(x)
     densities = [float(mask.mean()) for mask in network.last_spatial]
