@@ -17,11 +17,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from effsr.checkpointing import EpochEndCheckpoint, use_atomic_checkpoints
 from effsr.cli_support import (
+    BASE_KEY,
     PACKAGED_CONFIGS,
     apply_thread_count,
     check_checkpoint_paths,
     experiment_dirs,
     option_error_message,
+    recipe_lines,
     resolve_config_args,
 )
 from effsr.errors import ConfigError, EffSRError
@@ -143,6 +145,9 @@ class EffSRCLI(LightningCLI):
                             help="predict: folder for the SR PNGs (default: <default_root_dir>/predictions)")
         parser.add_argument("--threads", type=int | None, default=None,
                             help="CPU threads of torch (default: OMP_NUM_THREADS when set, else torch's default)")
+        # a composed config's `base:` key; resolve_config_args has already put the base before it as a --config,
+        # so the key is accepted, unused and never dumped (a printed or saved config is complete without it)
+        parser.add_argument(f"--{BASE_KEY}", type=str | None, default=None, help=argparse.SUPPRESS)
         if self._single_parser:  # the subcommands' own keys of a saved config.yaml, accepted and unused
             for key, kind in _RUN_CONFIG_KEYS.items():
                 parser.add_argument(f"--{key}", type=kind, default=None,
@@ -199,22 +204,34 @@ Train / evaluate:   effsr fit --config experiments/smsr_x4.yaml
                     effsr test --config experiments/smsr_x4.yaml --ckpt_path runs/.../last.ckpt
 Resume a run:       effsr fit --config X.yaml --ckpt_path last
 Multi-GPU:          effsr fit --config X.yaml --config experiments/trainer/ddp.yaml
+Recipes:            effsr recipes   (experiments/<recipe>_x<scale>.yaml; --print_config shows one resolved)
 Other commands:     effsr profile | compare | convert | data | demo   (each with --help)
 """
 
 
 # ---------------------------------------------------------------------------- experiments listing
-def print_overview() -> None:
-    print(_DESCRIPTION)
+def print_recipes(others: bool = False) -> None:
+    """One line per recipe (``effsr recipes``): its name, scales and what it is, for each experiments folder;
+    ``others``: also a line per sub-folder of further configs (tiny/, small/, trainer/)."""
     for folder in experiment_dirs():
-        configs = sorted(folder.rglob("*.yaml"))
-        if not configs:
-            continue
-        print(f"Experiments in {folder}:")
-        for config in configs:
-            print(f"  {config.relative_to(folder)}")
+        lines = recipe_lines(folder)
+        composed = (folder / "recipes").is_dir()
+        print(f"Recipes in {folder} (effsr fit --config <recipe>_x<scale>):" if composed else f"Configs in {folder}:")
+        print("\n".join(f"  {line}" for line in lines))
+        subfolders = sorted(item for item in folder.iterdir() if item.is_dir() and item.name != "recipes")
+        for sub in subfolders if others else []:
+            names = sorted(path.relative_to(sub).with_suffix("").as_posix() for path in sub.rglob("*.yaml"))
+            if names:
+                print(f"  {sub.name}/: {' '.join(names)}")
+
+
+def print_overview() -> None:
+    """``effsr`` without arguments: the usage, the recipes and the other packaged configs."""
+    print(_DESCRIPTION)
+    print_recipes(others=True)
     print("\nA packaged config can be given by name from any folder: effsr fit --config smsr_x4 "
-          "(or tiny/smsr_x2, trainer/ddp).\nSee `effsr fit --help` for every option.")
+          "(or tiny/smsr_x2, trainer/ddp).\nA per-scale file names its recipe (`base: recipes/<recipe>.yaml`); "
+          "--print_config shows the whole resolved config.\nSee `effsr fit --help` for every option.")
 
 
 # ---------------------------------------------------------------------------- profile / convert
@@ -290,6 +307,9 @@ def main(args: list[str] | None = None) -> int:
             print_overview()
             return 0
         command, rest = argv[0], argv[1:]
+        if command == "recipes":
+            print_recipes()
+            return 0
         if command == "profile":
             return profile_main(rest)
         if command == "convert":

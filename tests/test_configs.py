@@ -1,6 +1,7 @@
 """Every experiment config instantiates through effsr's CLI parser (``EffSRCLI(run=False)``): model, data module
 and trainer are built in this one process, no image is read and no checkpoint file is needed (methods load the
-files they start from in ``on_setup``, outside ``__init__``)."""
+files they start from in ``on_setup``, outside ``__init__``). A per-scale config composed on a recipe
+(``base: recipes/...``) resolves to every value its files set and to the run name derived from its name."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import yaml
 
 import effsr.cli
 from effsr.cli import EffSRCLI
+from effsr.cli_support import composed_yaml, config_chain
 from effsr.data import SRDataModule
 from effsr.models import SRModule
 
@@ -22,7 +24,8 @@ EXPERIMENTS = REPO / "experiments"
 # trainer overlays are added to a full config (as `--config X.yaml --config trainer/ddp.yaml` in the README)
 OVERLAYS = {EXPERIMENTS / "trainer" / "ddp.yaml", EXPERIMENTS / "trainer" / "ddp_cpu.yaml"}
 BASE_FOR_OVERLAY = EXPERIMENTS / "tiny" / "smsr_x2.yaml"
-CONFIGS = sorted(EXPERIMENTS.rglob("*.yaml"))
+RECIPES = EXPERIMENTS / "recipes"  # bases of the per-scale configs, run through them
+CONFIGS = sorted(path for path in EXPERIMENTS.rglob("*.yaml") if RECIPES not in path.parents)
 
 
 def _class_path(node: dict[str, Any]) -> str:
@@ -33,10 +36,24 @@ def _instantiate(args: list[str]) -> EffSRCLI:
     return EffSRCLI(args=[*args, "--trainer.logger=false"], run=False)
 
 
+def _is_within(declared: Any, resolved: Any) -> bool:
+    """Every value ``declared`` sets is in ``resolved`` unchanged (mappings: per key, lists: item by item)."""
+    if isinstance(declared, dict):
+        return isinstance(resolved, dict) and all(key in resolved and _is_within(value, resolved[key])
+                                                  for key, value in declared.items())
+    if isinstance(declared, list):
+        return isinstance(resolved, list) and len(declared) == len(resolved) and \
+            all(_is_within(item, other) for item, other in zip(declared, resolved, strict=True))
+    return declared == resolved
+
+
 def test_every_config_is_covered() -> None:
-    """The parametrisation below sees every YAML under experiments/ (paper, small, tiny, trainer overlays)."""
+    """The parametrisation below sees every YAML under experiments/ (paper, small, tiny, trainer overlays), and
+    every recipe under experiments/recipes/ is the base of at least one of them."""
     assert len(CONFIGS) >= 40 and OVERLAYS <= set(CONFIGS)
     assert {path.parent.name for path in CONFIGS} == {"experiments", "small", "tiny", "trainer"}
+    used = {item.resolve() for path in CONFIGS for item in config_chain(path)[:-1]}
+    assert used == {path.resolve() for path in RECIPES.glob("*.yaml")}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(path.relative_to(EXPERIMENTS)) for path in CONFIGS])
@@ -53,7 +70,7 @@ def test_config_instantiates_without_data_or_checkpoints(path: Path, tmp_path: P
         cli = _instantiate(["--config", str(BASE_FOR_OVERLAY), "--config", str(path), *extra])
         assert cli.trainer.world_size == 2 and type(cli.trainer.strategy).__name__ == "DDPStrategy"
         return
-    declared = yaml.safe_load(path.read_text())
+    declared = composed_yaml(path)
     cli = _instantiate(["--config", str(path)])
     model, data = cli.model, cli.datamodule
     assert isinstance(model, SRModule) and isinstance(data, SRDataModule)
@@ -64,3 +81,8 @@ def test_config_instantiates_without_data_or_checkpoints(path: Path, tmp_path: P
     max_steps = declared.get("trainer", {}).get("max_steps")
     if max_steps is not None:
         assert cli.trainer.max_steps == max_steps
+    if len(config_chain(path)) > 1:  # composed: what its files set, and runs/<file name> where they set no folder
+        resolved = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+        declared["trainer"].pop("logger", None)  # replaced by --trainer.logger=false here (test_cli_recipes.py)
+        assert _is_within(declared, resolved)
+        assert cli.trainer.default_root_dir == declared["trainer"].get("default_root_dir", f"runs/{path.stem}")
