@@ -184,9 +184,9 @@ def paper_cost(entry: dict[str, Any], set_name: str, experiment: str, scale: int
     ClassSR's paper reports its baselines (the -O model, the branches) in its own unit too: for a plain conv
     network, 2 × MACs@720p × 32² / (LR pixels at 720p) is exactly 2 × the MACs of one 32×32 LR patch.
     """
-    import yaml
+    from effsr.cli_support import composed_yaml
 
-    config = yaml.safe_load(Path(entry["configs"][-1]).read_text()) if entry["configs"] else {}
+    config = composed_yaml(entry["configs"][-1]) if entry["configs"] else {}  # a per-scale config with its recipe
     module = str(((config or {}).get("model") or {}).get("class_path", "")).rsplit(".", 1)[-1]
     macs = float(entry["sets"][set_name]["macs_720p"] or 0.0)
     if module == "ClassSRModule" or experiment.startswith("classsr"):

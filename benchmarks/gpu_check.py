@@ -50,7 +50,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -65,6 +64,7 @@ from classsr_inference import BACKBONES, balance_classifier, make_image, per_pat
 from smsr_inference import DENSITIES, build_network, edge_masks  # noqa: E402
 
 from effsr.archs import LEDSR  # noqa: E402
+from effsr.cli_support import composed_yaml  # noqa: E402
 from effsr.cost import count_params, macs_at_720p  # noqa: E402
 from effsr.errors import CheckpointError  # noqa: E402
 from effsr.methods.classsr import ClassSRModule, ClassSRNet  # noqa: E402
@@ -230,7 +230,7 @@ def check_training(config: str, precision: str, device: torch.device, steps: int
                      "--trainer.enable_model_summary=false", "--data.num_workers=0"]
         if smoke:
             arguments += ["--data.batch_size=1", "--data.lr_patch_size=8"]
-        model_args = (yaml.safe_load((REPO / config).read_text()).get("model") or {}).get("init_args") or {}
+        model_args = (composed_yaml(REPO / config).get("model") or {}).get("init_args") or {}  # with its base
         if model_args.get("split_model"):  # ClassSR's split reference only decides the data split, not the step
             arguments.append("--model.init_args.split_model=null")
         try:

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 from effsr.archs import MSRResNet
+from effsr.cli_support import composed_yaml
 from effsr.methods.nm_sparsity import NMConv2d, NMSparsityModule, fill_budget, patch_cost, sparse_cost_fraction
 
 if TYPE_CHECKING:
@@ -212,7 +212,7 @@ def test_reranking_follows_the_modules_own_step_counter_outside_a_trainer(monkey
 @pytest.mark.parametrize("name", ["nm_carn_x2", "nm_carn_x3", "nm_carn_x4", "nm_edsr_baseline_x2",
                                   "nm_edsr_baseline_x3", "nm_edsr_baseline_x4"])
 def test_paper_configs_carry_the_official_regime(name: str) -> None:
-    config = yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text())
+    config = composed_yaml(REPO / "experiments" / f"{name}.yaml")  # the per-scale file on its recipe
     options = config["model"]["init_args"]
     official = {"m": 32, "mode": "search", "cost_unit": "patch_macs", "cost_weight": 1e-10, "score_lr": None,
                 "anneal_rule": "ratio", "anneal_threshold": 0.2, "anneal_factor": 1.2, "anneal_interval": 1000,

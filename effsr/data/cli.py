@@ -45,7 +45,9 @@ def _data_section(path: str) -> dict[str, Any]:
     config_path = Path(path)
     if not config_path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    content = yaml.safe_load(config_path.read_text()) or {}
+    from effsr.cli_support import composed_yaml
+
+    content = composed_yaml(config_path)  # a per-scale config with its recipe (`base:`) merged in
     section = content.get("data", {}) if isinstance(content, dict) else {}
     if isinstance(section, dict) and "init_args" in section:
         section = section["init_args"]

@@ -51,8 +51,7 @@ def load_split_model(argument: str, scale: int) -> nn.Module:
     """The network ``split_model`` names: an effsr checkpoint (its run's ``config.yaml`` found as ``effsr
     compare`` finds it) or ``CKPT@CONFIG.yaml``; a ClassSR model scores with its wide branch. Weights go
     through :func:`effsr.weights.load_network_state`; the scale must be ``scale``."""
-    import yaml
-
+    from effsr.cli_support import composed_yaml
     from effsr.compare.models import parse_model
 
     try:
@@ -61,7 +60,7 @@ def load_split_model(argument: str, scale: int) -> nn.Module:
         raise ConfigError(f"model.init_args.split_model: {error}") from error
     if spec.checkpoint is None or not spec.configs:
         raise ConfigError(f"model.init_args.split_model '{argument}' must be a checkpoint (or CKPT@CONFIG.yaml)")
-    config = yaml.safe_load(spec.configs[-1].read_text()) or {}
+    config = composed_yaml(spec.configs[-1])  # a per-scale config with its recipe (`base:`) merged in
     trained_scale = (config.get("data") or {}).get("scale")
     if trained_scale is not None and int(trained_scale) != int(scale):
         raise ConfigError(f"split_model '{argument}' is a x{trained_scale} model ({spec.configs[-1]}), "
