@@ -241,8 +241,10 @@ def test_loaded_reference_is_split_unchanged_and_kept_as_its_own_evaluable_check
 @pytest.mark.unit
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=[path.stem for path in PAPER_CONFIGS])
 def test_paper_configs_default_to_the_official_recipe(path: Path) -> None:
-    text = path.read_text()
-    config = yaml.safe_load(text)
+    from effsr.cli_support import composed_yaml, config_chain
+
+    text = "".join(item.read_text() for item in config_chain(path))  # the per-scale file and its recipes
+    config = composed_yaml(path)
     model = config["model"]["init_args"]
     phases = {phase["name"]: phase for phase in config["trainer"]["callbacks"][0]["init_args"]["phases"]}
     assert model["wide_from_reference"] is False
