@@ -14,7 +14,7 @@ unmodified modules, ``--compile`` adds ``torch.compile`` with frozen weights (op
 image (default 320×180, i.e. a 720p output at ×4) in inference mode with a fixed number of threads, timed
 in alternation (each round: the dense model once, then every compact model about as often as fits in that
 time) after a warm-up of each; medians of wall and process-CPU time. MACs are for a 1280×720 output
-(docs/protocol.md).
+(docs/protocol.md), counted on a meta-device copy (shapes only, no 720p forward of the dense model).
 
 Run as a script it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it: with torch's default
 (spinning) OpenMP waits, on a CPU shared with other jobs, the thread that finishes its half of a conv first
@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from effsr.archs import LEDSR  # noqa: E402
-from effsr.cost import count_params, lr_size_for_720p, macs_at_720p  # noqa: E402
+from effsr.cost import count_params, lr_size_for_720p, meta_macs_720p  # noqa: E402
 from effsr.methods.assl import analyze_channels, compute_plan, deploy_network, num_kept, prune_network  # noqa: E402
 from effsr.methods.assl.deploy import hardware_channel_multiple  # noqa: E402
 
@@ -167,11 +167,11 @@ def main() -> int:
         print(f"x{scale} timed in {time.perf_counter() - started[0]:.0f} s wall, "
               f"{time.process_time() - started[1]:.0f} s CPU; load {load()}", flush=True)
         lr_scale = width * height / math.prod(lr_size_for_720p(scale))
-        dense_macs = macs_at_720p(dense, scale)
+        dense_macs = meta_macs_720p(dense, scale)
 
         print_row(f"x{scale} dense", dense, dense_macs, dense_time, lr_scale)
         for name, network in compacts.items():
-            macs = macs_at_720p(network, scale)
+            macs = meta_macs_720p(network, scale)
             timing = compact_times[name]
             print_row(f"x{scale} {name}", network, macs, timing, lr_scale)
             speedup, macs_ratio = dense_time.wall_ms / timing.wall_ms, dense_macs / macs
