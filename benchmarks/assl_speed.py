@@ -16,21 +16,41 @@ in alternation (each round: the dense model once, then every compact model about
 time) after a warm-up of each; medians of wall and process-CPU time. MACs are for a 1280×720 output
 (docs/protocol.md), counted on a meta-device copy (shapes only, no 720p forward of the dense model).
 
-Run as a script it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it: with torch's default
-(spinning) OpenMP waits, on a CPU shared with other jobs, the thread that finishes its half of a conv first
-spins on the core its descheduled partner needs; the compact model's 27× shorter convs meet that barrier
-27× more often per MAC (docs/benchmarks.md). The header prints the policy and the load average. The last
-line is ``speedup=X.XX macs_ratio=Y.YY`` (wall time) of the last compact model at the last scale.
+Run as a script it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment or ``--omp-wait-policy`` says
+otherwise: with libgomp's default waits (spin, then sleep), on a CPU shared with other jobs, the thread that
+finishes its half of a conv first spins on the core its descheduled partner needs; both models end every
+conv at such a barrier, and the compact model meets 27× more of them per MAC (docs/benchmarks.md). The
+header prints the policy and the load average. The last line is ``speedup=X.XX macs_ratio=Y.YY`` (wall
+time) of the last compact model at the last scale.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
-if __name__ == "__main__":  # read by libgomp when torch loads it, i.e. before the imports below
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+WAIT_POLICIES = ("passive", "active", "default")
 
-import argparse  # noqa: E402
+
+def set_wait_policy(policy: str | None) -> None:
+    """Sets ``OMP_WAIT_POLICY`` for libgomp, which reads it when torch loads it (so: before importing torch).
+
+    ``None`` keeps the environment's value, else PASSIVE; ``"default"`` unsets it (libgomp's own: spin about
+    300k iterations, then sleep).
+    """
+    if policy == "default":
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    elif policy is not None:
+        os.environ["OMP_WAIT_POLICY"] = policy.upper()
+    else:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+if __name__ == "__main__":
+    _early = argparse.ArgumentParser(add_help=False)
+    _early.add_argument("--omp-wait-policy", choices=WAIT_POLICIES)
+    set_wait_policy(_early.parse_known_args()[0].omp_wait_policy)
+
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -135,6 +155,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (dense once + compacts several times)")
     parser.add_argument("--nchw", action="store_true", help="time in NCHW instead of channels-last")
+    parser.add_argument("--omp-wait-policy", choices=WAIT_POLICIES,
+                        help="OpenMP waits (default: $OMP_WAIT_POLICY, else passive; 'default': libgomp's own)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--plain", action="store_true", help="time the unmodified modules (no folding/fusion)")
     mode.add_argument("--compile", action="store_true",

@@ -89,3 +89,18 @@ def test_interleaved_timing_alternates_models_and_reports_medians_without_the_wa
     assert times["a"] == bench.Timing(pytest.approx(200.0), pytest.approx(400.0))  # the 7 s outlier is dropped
     assert times["b"] == bench.Timing(pytest.approx(550.0), pytest.approx(1100.0))  # median of 0.3 ... 0.8 s
     assert times["c"] == bench.Timing(pytest.approx(10.0), pytest.approx(20.0))
+
+
+def test_wait_policy_passive_unless_the_environment_or_the_option_says_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _assl_speed(monkeypatch)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    bench.set_wait_policy(None)
+    assert bench.os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    bench.set_wait_policy(None)
+    assert bench.os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    bench.set_wait_policy("passive")
+    assert bench.os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    bench.set_wait_policy("default")
+    assert "OMP_WAIT_POLICY" not in bench.os.environ
