@@ -3,8 +3,9 @@ and set (:class:`RoutedCostMixin`)."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -22,6 +23,44 @@ if TYPE_CHECKING:
 
 
 CLASS_NAMES = ("simple", "medium", "hard")
+
+
+class _ArchitectureMacs(NamedTuple):
+    """The MAC counts :func:`routed_costs` combines; they follow from a network's architecture alone."""
+
+    branch_720p: list[int]
+    branch_32: list[int]
+    classifier_32: int
+    branch_tile: list[int]
+    classifier_tile: int
+    soft_mixture_720p: int
+
+
+_COUNTED: weakref.WeakKeyDictionary[ClassSRNet, dict[int, _ArchitectureMacs]] = weakref.WeakKeyDictionary()
+
+
+def _architecture_macs(network: ClassSRNet, patch_size: int) -> _ArchitectureMacs:
+    """Each branch at 720p, per 32×32 and per ``patch_size``² LR patch, the classifier per patch and the soft
+    mixture at 720p, counted on meta copies (:func:`effsr.cost.meta_macs`). A ClassSRNet keeps its branches and
+    classifier (training changes weights, not shapes), so the counts are made once per network and tile size:
+    every evaluation reports :func:`routed_costs` per set, which would otherwise count them again."""
+    counted = _COUNTED.setdefault(network, {})
+    if patch_size not in counted:
+        scale = network.scale
+        patch_32 = torch.zeros(1, 3, 32, 32)
+        branch_32 = [meta_macs(branch, patch_32) for branch in network.branches]
+        classifier_32 = meta_macs(network.classifier, patch_32)
+        if patch_size == 32:
+            branch_tile, classifier_tile = branch_32, classifier_32
+        else:
+            tile = torch.zeros(1, 3, patch_size, patch_size)
+            branch_tile = [meta_macs(branch, tile) for branch in network.branches]
+            classifier_tile = meta_macs(network.classifier, tile)
+        counted[patch_size] = _ArchitectureMacs(
+            branch_720p=[meta_macs_720p(branch, scale) for branch in network.branches], branch_32=branch_32,
+            classifier_32=classifier_32, branch_tile=branch_tile, classifier_tile=classifier_tile,
+            soft_mixture_720p=meta_macs_720p(network, scale))
+    return counted[patch_size]
 
 
 def routed_costs(network: ClassSRNet, proportions: Sequence[float], *, patch_size: int = 32, stride: int = 28,
@@ -44,18 +83,11 @@ def routed_costs(network: ClassSRNet, proportions: Sequence[float], *, patch_siz
     if len(shares) != network.num_classes or any(value < 0 for value in shares) or abs(sum(shares) - 1) > 1e-6:
         raise ConfigError(f"class proportions must be {network.num_classes} non-negative shares summing to 1, "
                           f"got {shares}")
-    scale = network.scale
-    tiles = len(tile_grid(*lr_size_for_720p(scale), patch_size, stride))
-    patch_32 = torch.zeros(1, 3, 32, 32)
-    branch_720p = [meta_macs_720p(branch, scale) for branch in network.branches]
-    branch_32 = [meta_macs(branch, patch_32) for branch in network.branches]
-    classifier_32 = meta_macs(network.classifier, patch_32) if classifier else 0
-    if patch_size == 32:
-        branch_tile, classifier_tile = branch_32, classifier_32
-    else:
-        tile = torch.zeros(1, 3, patch_size, patch_size)
-        branch_tile = [meta_macs(branch, tile) for branch in network.branches]
-        classifier_tile = meta_macs(network.classifier, tile) if classifier else 0
+    tiles = len(tile_grid(*lr_size_for_720p(network.scale), patch_size, stride))
+    counts = _architecture_macs(network, patch_size)
+    branch_720p, branch_32, branch_tile = counts.branch_720p, counts.branch_32, counts.branch_tile
+    classifier_32 = counts.classifier_32 if classifier else 0
+    classifier_tile = counts.classifier_tile if classifier else 0
 
     def mix(values: list[int]) -> float:
         return float(sum(share * value for share, value in zip(shares, values, strict=True)))
@@ -77,7 +109,7 @@ def routed_costs(network: ClassSRNet, proportions: Sequence[float], *, patch_siz
         "macs_per_lr_patch_32_classifier": float(classifier_32),
         "tile_patches_720p": tiles,
         "macs_720p_tiled": tiles * (mix(branch_tile) + classifier_tile),
-        "macs_720p_soft_mixture": float(meta_macs_720p(network, scale)),
+        "macs_720p_soft_mixture": float(counts.soft_mixture_720p),
     }
 
 
