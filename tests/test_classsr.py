@@ -273,21 +273,36 @@ def _expected_patch_costs(network: ClassSRNet) -> dict:
             "classifier": count_macs(network.classifier, patch)}
 
 
-def _expected_routed_cost(network: ClassSRNet, proportions: list[float], classifier: bool = True) -> dict:
-    """ClassSR's cost counted independently, branch by branch, with effsr.cost (no ClassSR cost code)."""
+_BRANCH_COUNTS: dict[str, tuple[list[int], list[int], int, int]] = {}
+
+
+def _branch_counts(network: ClassSRNet) -> tuple[list[int], list[int], int, int]:
+    """MACs of each branch at 720p and per 32×32 patch, of the classifier per patch and on the 720p LR frame,
+    counted by running the real modules with effsr.cost (no ClassSR cost code, no meta copy). Counts follow from
+    the architecture alone, so they are counted once per architecture (its repr) and reused."""
     from effsr.cost import count_macs, macs_at_720p
 
-    patch = torch.zeros(1, 3, 32, 32)
-    branch_720p = [macs_at_720p(branch, 4) for branch in network.branches]
-    branch_patch = [count_macs(branch, patch) for branch in network.branches]
-    classifier_patch = count_macs(network.classifier, patch) if classifier else 0
+    key = repr(network)
+    if key not in _BRANCH_COUNTS:
+        patch = torch.zeros(1, 3, 32, 32)
+        _BRANCH_COUNTS[key] = ([macs_at_720p(branch, 4) for branch in network.branches],
+                               [count_macs(branch, patch) for branch in network.branches],
+                               count_macs(network.classifier, patch),
+                               count_macs(network.classifier, torch.zeros(1, 3, 180, 320)))
+    return _BRANCH_COUNTS[key]
+
+
+def _expected_routed_cost(network: ClassSRNet, proportions: list[float], classifier: bool = True) -> dict:
+    """ClassSR's cost counted independently, branch by branch, with effsr.cost (no ClassSR cost code)."""
+    branch_720p, branch_patch, classifier_patch, classifier_frame = _branch_counts(network)
+    classifier_patch = classifier_patch if classifier else 0
     # The 720p LR frame at ×4 is 320×180: patch 32, stride 28 -> 12 columns (0, 28, …, 280, flush 288) × 7 rows
     # (0, …, 140, flush 148) = 84 patches, each classified once.
     return {"macs_720p": sum(p * m for p, m in zip(proportions, branch_720p, strict=True)) + 84 * classifier_patch,
             "macs_per_lr_patch_32": sum(p * m for p, m in zip(proportions, branch_patch, strict=True))
             + classifier_patch,
             "wide_720p": branch_720p[-1], "wide_patch": branch_patch[-1],
-            "soft_mixture": sum(branch_720p) + count_macs(network.classifier, torch.zeros(1, 3, 180, 320))}
+            "soft_mixture": sum(branch_720p) + classifier_frame}
 
 
 @pytest.mark.unit
@@ -316,6 +331,8 @@ def test_profile_headline_is_the_routed_cost_at_the_class_proportions() -> None:
     assert report["macs_720p_percent_of_wide"] == pytest.approx(100 * expected["macs_720p"] / expected["wide_720p"])
     assert report["macs_720p_soft_mixture"] == expected["soft_mixture"] > report["macs_720p_wide"]
     assert module.cost_report()["macs_720p"] == pytest.approx(report["macs_720p"], abs=1)  # one implementation
+    own = module.deployed_network().profile_costs(4)
+    assert {key: report[key] for key in own} == own  # the profile's cost entries are the network's own
     table = format_profile_table(report)
     assert "MACs, 1280×720 output" in table and "uniform 1/3 (assumed" in table and "macs_720p_soft_mixture" in table
 
@@ -348,13 +365,14 @@ def test_profile_headline_is_the_routed_cost_at_the_class_proportions() -> None:
     assert report["macs_720p"] < expected["wide_720p"]
     assert report["flops_classsr"] == pytest.approx(2 * expected["macs_per_lr_patch_32"], abs=2)
 
-    # The proportions option wins over measured shares (normalised); force_branch is the wide branch alone.
+    # The proportions option wins over measured shares (normalised); force_branch is the wide branch alone. These
+    # read the routed network's profile_costs, which the profiles above show to be what `effsr profile` reports.
     option = ClassSRModule(network=network, cost_proportions=[2, 1, 1]).eval()
-    report = profile(option)
+    report = option.deployed_network().profile_costs(4)
     assert report["class_proportions"] == [0.5, 0.25, 0.25]
     assert report["class_proportions_source"] == "cost_proportions option"
     assert report["macs_720p"] == pytest.approx(_expected_routed_cost(network, [0.5, 0.25, 0.25])["macs_720p"], abs=1)
-    forced = profile(ClassSRModule(network=network, force_branch=2).eval())
+    forced = ClassSRModule(network=network, force_branch=2).eval().deployed_network().profile_costs(4)
     assert forced["macs_720p"] == forced["macs_720p_wide"] and forced["macs_720p_percent_of_wide"] == 100.0
     with pytest.raises(ConfigError, match="cost_proportions"):
         ClassSRModule(network=network, cost_proportions=[1, 1])
