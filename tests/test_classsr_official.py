@@ -186,7 +186,7 @@ def test_params_under_force_branch_count_the_branch_that_runs() -> None:
 
 @pytest.mark.integration
 def test_loaded_reference_is_split_unchanged_and_kept_as_its_own_evaluable_checkpoint(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_folder: Path) -> None:
     import effsr.cli as cli
 
     monkeypatch.chdir(tmp_path)
@@ -207,6 +207,8 @@ def test_loaded_reference_is_split_unchanged_and_kept_as_its_own_evaluable_check
     config["trainer"]["check_val_every_n_epoch"] = 100
     config["model"]["init_args"].update(reference_checkpoint=str(tmp_path / "reference_in.ckpt"),
                                         split_cache_dir=str(tmp_path / "splits"))
+    # two 256² photos cut into 8 sub-images (instead of the sample set's 147): every one is scored twice below
+    config["data"].update(train=str(photo_folder), hr_subimage_step=128, val_sets=[str(photo_folder)])
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
     assert cli.main(["fit", "--config", str(tmp_path / "fit.yaml")]) == 0
 
@@ -231,10 +233,10 @@ def test_loaded_reference_is_split_unchanged_and_kept_as_its_own_evaluable_check
     # effsr test evaluates the -O model as a plain backbone from its own folder
     folder = tmp_path / "run" / "reference"
     assert cli.main(["test", "--config", str(folder / "config.yaml"), "--ckpt_path", str(folder / "reference.ckpt"),
-                     f"--trainer.default_root_dir={tmp_path / 'test_O'}", "--data.test_sets=[sample]",
+                     f"--trainer.default_root_dir={tmp_path / 'test_O'}", f"--data.test_sets=[{photo_folder}]",
                      "--data.max_val_images=1"]) == 0
     results = json.loads((tmp_path / "test_O" / "test_results.json").read_text())
-    assert results["sample"]["params"] == count_params(wide.branches[-1])
+    assert results[photo_folder.parent.name]["params"] == count_params(wide.branches[-1])  # "hr/": parent's name
 
 
 # ------------------------------------------------------------------ paper configs and the harness
