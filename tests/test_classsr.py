@@ -241,6 +241,24 @@ def test_ddp_two_processes_split_and_classifier_phase(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
+def test_split_phase_needs_a_data_module_that_restricts_training_draws() -> None:
+    """The split and per-class phases need :class:`TrainSubsetSettable` of the trainer's data module (SRDataModule
+    has it); without one the split names the fix instead of failing on a missing attribute."""
+    import lightning
+
+    from effsr.data import SRDataModule
+    from effsr.methods.classsr import TrainSubsetSettable
+
+    assert isinstance(SRDataModule(scale=4, train="sample", val_sets=[]), TrainSubsetSettable)
+    trainer = lightning.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False)
+    module = _tiny_module(export_backbones=False)
+    module.trainer = trainer  # attached, as in a fit, but without a data module
+    with pytest.raises(ConfigError, match="need effsr's SRDataModule"):
+        module.on_phase_start("split", {})
+
+
+@pytest.mark.unit
 def test_resume_restores_split_and_trainable_set_of_the_phase() -> None:
     module = _tiny_module()
     labels = torch.tensor([0, 1, 2, 2, 1, 0], dtype=torch.uint8)

@@ -26,7 +26,7 @@ from effsr.methods.classsr.cost import CLASS_NAMES, routed_costs
 from effsr.methods.classsr.losses import average_loss, class_loss
 from effsr.methods.classsr.module import PHASE_KINDS, ClassSRModule
 from effsr.methods.classsr.network import Classifier, ClassSRNet, RoutedClassSR
-from effsr.methods.classsr.split import SPLIT_VERSION, split_by_score, split_by_thresholds
+from effsr.methods.classsr.split import SPLIT_VERSION, TrainSubsetSettable, split_by_score, split_by_thresholds
 
 __all__ = [
     "CLASS_NAMES",
@@ -36,6 +36,7 @@ __all__ = [
     "ClassSRNet",
     "Classifier",
     "RoutedClassSR",
+    "TrainSubsetSettable",
     "average_loss",
     "backbone_config",
     "class_loss",

@@ -45,7 +45,7 @@ from effsr.methods.classsr.checkpoints import (
 from effsr.methods.classsr.cost import RoutedCostMixin
 from effsr.methods.classsr.losses import average_loss, class_loss
 from effsr.methods.classsr.network import ClassSRNet, RoutedClassSR
-from effsr.methods.classsr.split import SplitMixin
+from effsr.methods.classsr.split import SplitMixin, TrainSubsetSettable
 from effsr.models.base import SRModule
 
 PHASE_KINDS = ("reference", "split", "branches", "classifier", "joint")
@@ -263,7 +263,7 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
 
     def _datamodule(self) -> Any:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "set_train_subset"):
+        if not isinstance(datamodule, TrainSubsetSettable):
             raise ConfigError("ClassSR's split and branch phases need effsr's SRDataModule (data: ...)")
         return datamodule
 
@@ -271,7 +271,7 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         if self._trainer is None or self.phase_kind() is None:
             return
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "set_train_subset"):
+        if not isinstance(datamodule, TrainSubsetSettable):
             return
         if self.phase_kind() != "branches" or self.split_labels is None:
             datamodule.set_train_subset(None)

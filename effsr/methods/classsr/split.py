@@ -10,7 +10,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -24,6 +24,14 @@ from effsr.metrics import psnr as psnr_fn
 from effsr.models.base import log_image
 
 SPLIT_VERSION = 1
+
+
+@runtime_checkable
+class TrainSubsetSettable(Protocol):
+    """A data module whose training draws can be restricted to some sample indices (one ClassSR class per branch
+    phase; :class:`effsr.data.SRDataModule` provides it)."""
+
+    def set_train_subset(self, indices: np.ndarray | None) -> None: ...
 
 
 def split_by_score(scores: np.ndarray, num_classes: int) -> tuple[np.ndarray, list[float]]:
