@@ -2,7 +2,8 @@
 docs/nm_sparsity.md, spec docs/methods/nm_sparsity.md.
 
 * :class:`NMConv2d` (layer) — the N:M conv: uint8 magnitude ranks, M−1 priority scores, STE keep mask.
-* convert — :func:`convert_to_nm` (every conv but the first/last), :func:`dense_layer_macs`, the cost terms
+* convert — :func:`convert_to_nm` (every conv but the first/last), :func:`dense_layer_macs`, :func:`nm_macs_720p`
+  (an N:M network's MACs at 720p and dense), the cost terms
   :func:`sparse_cost_fraction` / :func:`patch_cost`, :func:`fill_budget`, :func:`export_masked`,
   :func:`to_semi_structured_2to4` (experimental, CUDA).
 * :class:`NMSparsityModule` (module) — phases ``dense`` / ``search`` / ``finetune``; baselines as ``mode``.
@@ -19,6 +20,7 @@ from effsr.methods.nm_sparsity.convert import (
     export_masked,
     fill_budget,
     nm_layers,
+    nm_macs_720p,
     patch_cost,
     sparse_cost_fraction,
     sparsifiable_convs,
@@ -55,6 +57,7 @@ __all__ = [
     "load_nm_member",
     "magnitude_ranks",
     "nm_layers",
+    "nm_macs_720p",
     "patch_cost",
     "patch_mse",
     "rank_correlation",
