@@ -152,12 +152,14 @@ def assl_record(context: ExtraContext) -> dict[str, Any]:
     structure = read_checkpoint(context.checkpoint).get("effsr", {}).get("structure", {})
     plan, producers = structure.get("plan", {}), structure.get("producers", {})
     widths = {name: len(plan[key]) for key, names in producers.items() for name in names if key in plan}
-    name, _, seed = context.entry["name"].rpartition("-s")
+    name, separator, seed = context.entry["name"].rpartition("-s")
+    if not separator or not seed.isdigit():  # an unseeded model
+        name, seed = context.entry["name"], ""
     compare = Path(context.entry["test_results"]).parents[1] / "compare.json"
     pruned = {}
-    if name and not name.endswith("_pruned") and compare.is_file():
+    if not name.endswith("_pruned") and compare.is_file():
         entries = {item["name"]: item for item in json.loads(compare.read_text())["models"]}
-        source = entries.get(f"{name}_pruned-s{seed}")
+        source = entries.get(f"{name}_pruned" + (f"-s{seed}" if seed else ""))
         if source is not None:
             results = json.loads(Path(source["test_results"]).read_text())
             pruned = {set_name: row["psnr_y"] for set_name, row in results.items() if isinstance(row, dict)}
@@ -219,7 +221,8 @@ _FROM_DENSE = ("--model.init_args.dense_checkpoint={prev}",)
 
 def _assl_models() -> tuple[ModelDecl, ...]:
     """assl_x2: one dense start (shared), then ASSL, L1-norm pruning + the same finetune, the compact network
-    from scratch for the same total steps; the pruned models before their finetune as variants."""
+    from scratch for the same total steps; the pruned models before their finetune and a longer-stabilize ASSL
+    probe as variants."""
     return (
         ModelDecl("dense", "baseline", (_ASSL_DENSE,), seeded=False, extra=training_record),
         ModelDecl("assl", "method", (_ASSL_DENSE, FitStage("experiments/small/assl_x2.yaml", _FROM_DENSE)),
@@ -229,6 +232,11 @@ def _assl_models() -> tuple[ModelDecl, ...]:
                                                                 _FROM_DENSE)), extra=assl_record),
         ModelDecl("l1norm_pruned", "variant", from_run=("l1norm", "pruned/pruned.ckpt"), extra=assl_record),
         ModelDecl("scratch", "baseline", (FitStage("experiments/small/assl_x2_scratch.yaml"),), extra=assl_record),
+        # the penalty's reach: stabilize 800 instead of 300 steps (one run, seed 0 of the config)
+        ModelDecl("assl_longstab", "variant", (_ASSL_DENSE, FitStage("experiments/small/assl_x2_longstab.yaml",
+                                                                      _FROM_DENSE)), seeded=False, extra=assl_record),
+        ModelDecl("assl_longstab_pruned", "variant", from_run=("assl_longstab", "pruned/pruned.ckpt"), seeded=False,
+                  extra=assl_record),
     )
 
 
