@@ -145,13 +145,19 @@ def test_routed_inference_equals_per_patch_loop_and_counts_macs() -> None:
             expected[..., 4 * y:4 * y + 128, 4 * x:4 * x + 128] += module.network.branches[choice](patch)
             weight[..., 4 * y:4 * y + 128, 4 * x:4 * x + 128] += 1
     assert torch.allclose(routed.sr, expected / weight, atol=1e-5)
-    record = module._image_record(routed, routed.sr.clamp(0, 1), routed.sr.clamp(0, 1))
-    assert record["macs"] == pytest.approx(routed.macs, rel=1e-9)
+
+    def evaluated_macs(evaluated: ClassSRModule) -> float:
+        """``macs`` of the image's record, as SRModule's evaluation derives it from what ``infer`` measured."""
+        with torch.no_grad(), evaluated.measuring() as measured:
+            sr = evaluated.infer(lr).clamp(0, 1)
+        return evaluated.image_measurements(measured, sr, sr)["macs"]
+
+    assert evaluated_macs(module) == pytest.approx(routed.macs, rel=1e-9)
     forced = _tiny_module(force_branch=2).eval()
     forced.load_state_dict(module.state_dict())
     wide = forced.route(lr, count_macs=True)
     assert wide.patches_per_network.tolist() == [0, 0, len(wide.corners)]
-    assert wide.macs == pytest.approx(forced._image_record(wide, wide.sr, wide.sr)["macs"], rel=1e-9)
+    assert wide.macs == pytest.approx(evaluated_macs(forced), rel=1e-9)
 
 
 @pytest.mark.e2e
@@ -365,7 +371,7 @@ def test_profile_headline_is_the_routed_cost_at_the_class_proportions() -> None:
         lr = torch.rand(1, 3, 60, 88, generator=generator) * torch.linspace(0, 1, 88)  # flat to busy
         with torch.no_grad(), evaluated.measuring() as measured_values:
             sr = evaluated.infer(lr)
-        counts += evaluated._last_route.patches_per_network
+        counts += evaluated.route(lr).patches_per_network  # the same routing, read through the public call
         images.append(evaluated.image_measurements(measured_values, sr.clamp(0, 1), sr.clamp(0, 1)))
     gen = evaluated.set_measurements(images)
     evaluated.on_eval_measured("val", {"gen": gen}, gen, len(images))
