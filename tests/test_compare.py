@@ -34,10 +34,19 @@ def _to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
 
 
+def _fit_tiny(root: Path, name: str, seed: int) -> Path:
+    """A 4-step tiny EDSR fit on the fabricated set (validation off); its last checkpoint."""
+    code = main(["fit", "--config", str(TINY), "--trainer.logger=false", "--trainer.limit_val_batches=0",
+                 f"--trainer.default_root_dir={root / name}", f"--seed_everything={seed}",
+                 f"--data.train={root / 'fabset'}"])
+    assert code == 0
+    return root / name / "checkpoints" / "last.ckpt"
+
+
 @pytest.fixture(scope="module")
-def fabricated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two smooth 48×64 HR images with their ×2 LR files (HR_DIR:LR_DIR), and two 4-step EDSR checkpoints
-    trained with different seeds on them (validation off)."""
+def one_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two smooth 48×64 HR images with their ×2 LR files (HR_DIR:LR_DIR), and ``run_a``, a 4-step EDSR
+    checkpoint trained on them (seed 1)."""
     root = tmp_path_factory.mktemp("compare")
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:48, 0:64]
@@ -47,14 +56,14 @@ def fabricated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         lr = imresize(_to_tensor(hr), scale=0.5).clamp(0, 1).mul(255).round().byte()[0].permute(1, 2, 0).numpy()
         write_image(root / "fabset" / f"img{index}.png", hr)
         write_image(root / "fabset_lr" / f"img{index}.png", lr)
-    paths = {"hr": root / "fabset", "lr": root / "fabset_lr", "root": root}
-    for name, seed in (("run_a", 1), ("run_b", 2)):
-        code = main(["fit", "--config", str(TINY), "--trainer.logger=false", "--trainer.limit_val_batches=0",
-                     f"--trainer.default_root_dir={root / name}", f"--seed_everything={seed}",
-                     f"--data.train={root / 'fabset'}"])
-        assert code == 0
-        paths[name] = root / name / "checkpoints" / "last.ckpt"
-    return paths
+    return {"hr": root / "fabset", "lr": root / "fabset_lr", "root": root, "run_a": _fit_tiny(root, "run_a", 1)}
+
+
+@pytest.fixture(scope="module")
+def fabricated(one_run: dict[str, Path]) -> dict[str, Path]:
+    """:func:`one_run` and ``run_b``, a second 4-step EDSR checkpoint trained with another seed (seed 2); only
+    the tests comparing two runs pay for it (the fast tier's error checks need one run)."""
+    return {**one_run, "run_b": _fit_tiny(one_run["root"], "run_b", 2)}
 
 
 def _expected(sr_of, paths: dict[str, Path]) -> tuple[float, float]:
@@ -132,20 +141,20 @@ def test_compare_evaluates_bicubic_and_checkpoints_with_one_protocol(
 
 
 @pytest.mark.integration
-def test_compare_errors_name_the_problem(fabricated: dict[str, Path], tmp_path: Path,
+def test_compare_errors_name_the_problem(one_run: dict[str, Path], tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["--test_sets", f"[{fabricated['hr']}]", "--output_dir", str(tmp_path)]
-    assert main(["compare", str(fabricated["run_a"]), "--scale", "4", *base]) == 2
+    base = ["--test_sets", f"[{one_run['hr']}]", "--output_dir", str(tmp_path)]
+    assert main(["compare", str(one_run["run_a"]), "--scale", "4", *base]) == 2
     assert "is a ×2 model" in capsys.readouterr().err
     missing = tmp_path / "nope" / "last.ckpt"
     assert main(["compare", f"x={missing}", "--scale", "2", *base]) == 2
     assert f"checkpoint file {missing} does not exist" in capsys.readouterr().err
-    assert main(["compare", "bicubic", f"bicubic={fabricated['run_a']}", "--scale", "2", *base]) == 2
+    assert main(["compare", "bicubic", f"bicubic={one_run['run_a']}", "--scale", "2", *base]) == 2
     assert "two models are named 'bicubic'" in capsys.readouterr().err
     wider = tmp_path / "wider.yaml"
-    wider.write_text((fabricated["run_a"].parents[1] / "config.yaml").read_text()
+    wider.write_text((one_run["run_a"].parents[1] / "config.yaml").read_text()
                      .replace("num_features: 8", "num_features: 12"))
-    assert main(["compare", f"{fabricated['run_a']}@{wider}", "--scale", "2", *base]) == 2
+    assert main(["compare", f"{one_run['run_a']}@{wider}", "--scale", "2", *base]) == 2
     assert "does not fit the network" in capsys.readouterr().err
     assert not (tmp_path / "compare.json").exists()
 
@@ -193,7 +202,7 @@ def test_reproduce_summary_reports_mean_sd_and_whether_the_gap_exceeds_the_sprea
 
 
 @pytest.mark.e2e
-def test_reproduce_smoke_on_fresh_clone_defaults_then_cached(fabricated: dict[str, Path], tmp_path: Path) -> None:
+def test_reproduce_smoke_on_fresh_clone_defaults_then_cached(one_run: dict[str, Path], tmp_path: Path) -> None:
     """The harness end to end with its defaults (sample set), then a rerun on another test set: nothing trains."""
     work, docs = tmp_path / "work", tmp_path / "docs" / "reproduction.md"
     command = [sys.executable, str(REPO / "benchmarks" / "reproduce.py"), "smoke", "--work-dir", str(work),
@@ -213,7 +222,7 @@ def test_reproduce_smoke_on_fresh_clone_defaults_then_cached(fabricated: dict[st
     marker = next((work / "runs" / "edsr_tiny").glob("seed0-*/stage0/finished.json"))
     stamp = marker.stat().st_mtime_ns, Path(method["checkpoint"]).stat().st_mtime_ns
 
-    second = subprocess.run([*command, "--test", str(fabricated["hr"])], capture_output=True, text=True,
+    second = subprocess.run([*command, "--test", str(one_run["hr"])], capture_output=True, text=True,
                             timeout=900, cwd=tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "stage 0: cached" in second.stdout and "training (" not in second.stdout
