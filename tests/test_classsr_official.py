@@ -184,7 +184,7 @@ def test_params_under_force_branch_count_the_branch_that_runs() -> None:
     assert ClassSRModule(network).cost_report()["params"] == count_params(network)
 
 
-@pytest.mark.integration
+@pytest.mark.e2e  # `effsr fit` of a reference -> split -> branches pipeline, then `effsr test` of its -O model
 def test_loaded_reference_is_split_unchanged_and_kept_as_its_own_evaluable_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo_folder: Path) -> None:
     import effsr.cli as cli

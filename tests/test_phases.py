@@ -73,7 +73,7 @@ def test_each_phase_does_what_it_declares(tmp_path: Path) -> None:
     assert by_phase["shrink"][1]["sums"]["head.weight"] != by_phase["shrink"][0]["sums"]["head.weight"]
 
 
-@pytest.mark.integration
+@pytest.mark.e2e  # three CLI fits: straight, killed mid-phase, resumed
 def test_killed_mid_phase_two_resumes_to_the_same_weights(tmp_path: Path) -> None:
     _fit(tmp_path / "straight")
     with pytest.raises(RuntimeError, match="simulated kill"):
@@ -117,7 +117,7 @@ def _batch_sizes(root: Path, *extra: str) -> tuple[EffSRCLI, dict[int, int]]:
     return cli, {step: lr for step, lr, _ in records}
 
 
-@pytest.mark.integration
+@pytest.mark.e2e  # three CLI fits: straight, killed, resumed
 def test_phase_batch_size_changes_at_the_boundary_and_resumes(tmp_path: Path) -> None:
     cli, sizes = _batch_sizes(tmp_path / "straight")
     assert cli.trainer.global_step == 16
@@ -155,7 +155,7 @@ def test_phase_batch_size_needs_a_datamodule_with_set_batch_size() -> None:
     schedule.setup(SimpleNamespace(datamodule=None, max_steps=-1), module, "validate")
 
 
-@pytest.mark.integration
+@pytest.mark.e2e  # two CLI fits: the pipeline, then a resume of its final checkpoint
 def test_pipeline_ending_inside_an_epoch_writes_its_final_checkpoint(tmp_path: Path) -> None:
     """7 steps per epoch (14 samples, batch 2): epochs end at steps 7 and 14, the 20-step pipeline inside the third
     epoch, and max_steps 100 leaves the stop to PhaseSchedule. last.ckpt holds the finished run at step 20."""
