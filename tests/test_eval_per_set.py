@@ -140,18 +140,16 @@ def _brightness_classsr() -> ClassSRModule:
     return ClassSRModule(network=network)
 
 
-def _expected_classsr(module: ClassSRModule, images: dict[str, Tensor]) -> dict:
-    """Patches per branch by the brightness rule on the tiling grid, and the routed cost at the set's shares,
-    counted branch by branch with effsr.cost."""
+def _expected_classsr(module: ClassSRModule, images: dict[str, Tensor], branch_720p: list[int]) -> dict:
+    """Patches per branch by the brightness rule on the tiling grid, and the routed cost at the set's shares from
+    ``branch_720p`` (each branch's MACs at 720p, counted with effsr.cost) and the classifier's."""
     counts = np.zeros(3)
     for lr in images.values():
         for y, x in tile_grid(lr.shape[-2], lr.shape[-1], 32, 28):
             mean = float(lr[..., y:y + 32, x:x + 32].double().mean())
             counts[0 if mean < 0.3 else 2 if mean > 0.7 else 1] += 1
     shares = counts / counts.sum()
-    network = module.network
-    branch_720p = [macs_at_720p(branch, 4) for branch in network.branches]
-    classifier_patch = count_macs(network.classifier, torch.zeros(1, 3, 32, 32))
+    classifier_patch = count_macs(module.network.classifier, torch.zeros(1, 3, 32, 32))
     tiles = len(tile_grid(180, 320, 32, 28))
     macs = float(sum(share * macs for share, macs in zip(shares, branch_720p, strict=True)) + tiles * classifier_patch)
     return {"counts": counts.tolist(), "shares": shares.tolist(), "macs_720p": macs,
@@ -165,7 +163,8 @@ def test_classsr_shares_and_cost_are_per_set(tmp_path: Path) -> None:
     module = _brightness_classsr()
     run = _test(module, [dark, halves], tmp_path / "out", scale=4)
     results, lr = run["results"], _lr_images(run["datamodule"])
-    expected = {name: _expected_classsr(module, lr[name]) for name in ("Dark", "Halves")}
+    branch_720p = [macs_at_720p(branch, 4) for branch in module.network.branches]  # once for both sets
+    expected = {name: _expected_classsr(module, lr[name], branch_720p) for name in ("Dark", "Halves")}
     assert expected["Dark"]["shares"] == [1.0, 0.0, 0.0] and min(expected["Halves"]["counts"]) > 0
     for name in ("Dark", "Halves"):
         row = results[name]
