@@ -10,6 +10,7 @@ developer loop is ``pytest -m "not e2e and not ddp"`` (``make test-fast``); ``ma
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -66,6 +67,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.warn(pytest.PytestWarning(f"{item.nodeid}: needs exactly one tier marker of {TIERS}, has {tiers}"))
         if "gpu" in tiers and not cuda:
             item.add_marker(REQUIRES_CUDA)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freezes what imports and collection created (torch, Lightning, the test modules: alive all session) out of
+    the garbage collector's generations, so each full collection during the tests no longer traverses it again
+    (measured: about 10 % less CPU for a part of the fast tier). Garbage of the collection is collected first."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
