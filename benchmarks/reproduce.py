@@ -38,6 +38,8 @@ if str(HERE) not in sys.path:
 from _reproduce_experiments import EXPERIMENTS, Experiment, ExtraContext, ModelDecl  # noqa: E402
 from _reproduce_report import aggregate, format_markdown_table, reading, update_docs  # noqa: E402
 
+from effsr.cli_support import config_chain  # noqa: E402
+
 
 def _effsr(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "effsr.cli", *arguments]
@@ -62,9 +64,15 @@ def data_fingerprint(entries: list[str]) -> list[Any]:
     return prints
 
 
+def _config_text(config: str) -> str:
+    """The text a stage's config trains with: the file itself, preceded by its ``base:`` recipes when it has any
+    (so an edit to a recipe invalidates the runs built on it; a config without a base hashes as before)."""
+    return "".join(path.read_text() for path in config_chain(REPO / config))
+
+
 def cache_key(decl: ModelDecl, seed: int | None, train: list[str]) -> str:
     """Hash of what determines a model's weights: stage configs (text) and overrides, seed, training data."""
-    stages = [{"config": stage.config, "text": (REPO / stage.config).read_text(), "overrides": list(stage.overrides)}
+    stages = [{"config": stage.config, "text": _config_text(stage.config), "overrides": list(stage.overrides)}
               for stage in decl.stages]
     content = json.dumps({"stages": stages, "seed": seed, "train": data_fingerprint(train)}, sort_keys=True)
     return hashlib.sha256(content.encode()).hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import subprocess
@@ -199,6 +200,27 @@ def test_reproduce_summary_reports_mean_sd_and_whether_the_gap_exceeds_the_sprea
     assert "1.20 dB PSNR-Y above b" in report.reading(("m", "b"), summary)[0]
     close = report.aggregate([entry("m", 0, 29.0), entry("m", 1, 29.4), entry("b", None, 29.1)])
     assert "effect not shown" in report.reading(("m", "b"), close)[0]
+
+
+@pytest.mark.unit
+def test_reproduce_cache_key_covers_a_configs_base_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    harness = _load_harness("reproduce")
+    experiments = _load_harness("_reproduce_experiments")
+    monkeypatch.setattr(harness, "REPO", tmp_path)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "r.yaml").write_text("trainer: {max_steps: 10}\n")
+    (tmp_path / "plain.yaml").write_text("trainer: {max_steps: 10}\n")
+    (tmp_path / "overlay.yaml").write_text("base: recipes/r.yaml\ndata: {scale: 2}\n")
+
+    def key(config: str) -> str:
+        return harness.cache_key(experiments.ModelDecl("m", "method", (experiments.FitStage(config),)), 0, ["sample"])
+
+    stages = [{"config": "plain.yaml", "text": "trainer: {max_steps: 10}\n", "overrides": []}]
+    content = json.dumps({"stages": stages, "seed": 0, "train": ["sample"]}, sort_keys=True)
+    assert key("plain.yaml") == hashlib.sha256(content.encode()).hexdigest()  # no base: the key as before
+    before = key("overlay.yaml")
+    (tmp_path / "recipes" / "r.yaml").write_text("trainer: {max_steps: 20}\n")
+    assert key("overlay.yaml") != before  # editing the recipe invalidates runs built on it
 
 
 @pytest.mark.e2e
