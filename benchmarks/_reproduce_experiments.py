@@ -237,6 +237,9 @@ def _assl_models() -> tuple[ModelDecl, ...]:
                                                                       _FROM_DENSE)), seeded=False, extra=assl_record),
         ModelDecl("assl_longstab_pruned", "variant", from_run=("assl_longstab", "pruned/pruned.ckpt"), seeded=False,
                   extra=assl_record),
+        # the compact network from scratch for the probe's 2800 steps (one run, seed 0 of the config)
+        ModelDecl("scratch_long", "variant", (FitStage("experiments/small/assl_x2_scratch_long.yaml"),), seeded=False,
+                  extra=assl_record),
     )
 
 
