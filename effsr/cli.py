@@ -103,6 +103,10 @@ class EffSRCLI(LightningCLI):
             parser_kwargs={"description": _DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter},
             args=args,
             run=run,
+            # Lightning's support dumps the whole config once more before the model is built, for
+            # save_hyperparameters to store; effsr's modules never call it (a checkpoint holds no hyper_parameters,
+            # the run's config.yaml is written by EffSRSaveConfig), so that dump was ~1/4 of every CLI start
+            load_from_checkpoint_support=False,
         )
         if run:
             finish_wandb_runs()

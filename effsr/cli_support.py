@@ -7,7 +7,9 @@ Nothing here builds a model or a trainer, so these pieces are cheap to call befo
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 import importlib
 import inspect
 import os
@@ -104,14 +106,25 @@ _SCALE_SUFFIX = re.compile(r"_x[0-9]+$")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The YAML mapping of one config file ({} for an empty file); a ConfigError naming the file otherwise."""
+    """The YAML mapping of one config file ({} for an empty file); a ConfigError naming the file otherwise.
+
+    One composition reads each file of a chain several times (its base, the scale, the logger, the run name), so
+    the parse is cached per file version (path, modification time, size); callers get their own copy to change."""
     try:
-        content = yaml.safe_load(Path(path).read_text())
+        status = Path(path).stat()
+        content = _parse_config_file(str(Path(path).resolve()), status.st_mtime_ns, status.st_size)
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"config {path}: cannot be read as YAML ({error})") from None
     if content is not None and not isinstance(content, dict):
         raise ConfigError(f"config {path}: expected a mapping of options, got {type(content).__name__}")
-    return content or {}
+    return copy.deepcopy(content) if content else {}
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_config_file(path: str, mtime_ns: int, size: int) -> Any:
+    """The parsed YAML of ``path`` as it is at (``mtime_ns``, ``size``): the key of :func:`read_config_file`'s cache."""
+    del mtime_ns, size  # only the cache key: a rewritten file is parsed again
+    return yaml.safe_load(Path(path).read_text())
 
 
 def config_chain(path: str | Path) -> list[Path]:
