@@ -232,13 +232,13 @@ def _assl_models() -> tuple[ModelDecl, ...]:
                                                                 _FROM_DENSE)), extra=assl_record),
         ModelDecl("l1norm_pruned", "variant", from_run=("l1norm", "pruned/pruned.ckpt"), extra=assl_record),
         ModelDecl("scratch", "baseline", (FitStage("experiments/small/assl_x2_scratch.yaml"),), extra=assl_record),
-        # the penalty's reach: stabilize 800 instead of 300 steps (one run, seed 0 of the config)
+        # the penalty's reach: stabilize 800 instead of 300 steps, and the compact network from scratch for the
+        # same 2800 steps
         ModelDecl("assl_longstab", "variant", (_ASSL_DENSE, FitStage("experiments/small/assl_x2_longstab.yaml",
-                                                                      _FROM_DENSE)), seeded=False, extra=assl_record),
-        ModelDecl("assl_longstab_pruned", "variant", from_run=("assl_longstab", "pruned/pruned.ckpt"), seeded=False,
+                                                                      _FROM_DENSE)), extra=assl_record),
+        ModelDecl("assl_longstab_pruned", "variant", from_run=("assl_longstab", "pruned/pruned.ckpt"),
                   extra=assl_record),
-        # the compact network from scratch for the probe's 2800 steps (one run, seed 0 of the config)
-        ModelDecl("scratch_long", "variant", (FitStage("experiments/small/assl_x2_scratch_long.yaml"),), seeded=False,
+        ModelDecl("scratch_long", "variant", (FitStage("experiments/small/assl_x2_scratch_long.yaml"),),
                   extra=assl_record),
     )
 
