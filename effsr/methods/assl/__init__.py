@@ -17,7 +17,7 @@ Pieces, all plain functions over ``nn.Module``s, then one thin LightningModule:
 """
 
 from effsr.methods.assl.channels import ChannelGroup, ChannelStructure, analyze_channels
-from effsr.methods.assl.deploy import FusedConv2d, deploy_network
+from effsr.methods.assl.deploy import FusedConv2d, deploy_network, hardware_channel_multiple
 from effsr.methods.assl.losses import GrowingL2, ssa_loss
 from effsr.methods.assl.module import PHASES, ASSLModule, load_dense_weights
 from effsr.methods.assl.plan import Ranking, compute_plan, group_importance, num_kept, pruned_indices, top_indices
@@ -42,6 +42,7 @@ __all__ = [
     "filter_scales",
     "fold_weight_norm",
     "group_importance",
+    "hardware_channel_multiple",
     "load_dense_weights",
     "mask_network",
     "num_kept",
