@@ -25,11 +25,22 @@ def _is_mean_shift(module: nn.Module) -> bool:
 
 
 
+def meta_copy(network: nn.Module) -> nn.Module:
+    """A copy of ``network`` on the meta device (shapes only), made without copying its parameters' and buffers'
+    data first (``copy.deepcopy(network).to("meta")`` copied every tensor only to drop it)."""
+    memo: dict[int, Any] = {}
+    for tensor in (*network.parameters(), *network.buffers()):
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    return copy.deepcopy(network, memo).to("meta")
+
+
+
 def sparsifiable_convs(network: nn.Module, m: int) -> list[str]:
     """Names of the convs that become N:M: every conv in forward order except the first and the last
     (and except mean shifts and convs whose input channels per group are not a multiple of M)."""
     order: list[str] = []
-    meta = copy.deepcopy(network).to("meta")
+    meta = meta_copy(network)
     names = {module: name for name, module in meta.named_modules()}
     handles = [module.register_forward_pre_hook(lambda mod, _args: order.append(names[mod]))
                for module in meta.modules() if isinstance(module, nn.Conv2d) and not _is_mean_shift(module)]
@@ -48,7 +59,7 @@ def sparsifiable_convs(network: nn.Module, m: int) -> list[str]:
 
 def dense_layer_macs(network: nn.Module, names: Sequence[str]) -> dict[str, int]:
     """Dense MACs of each named conv for a 1280×720 HR output (effsr.cost on a meta copy, shapes only)."""
-    meta = copy.deepcopy(network).to("meta")
+    meta = meta_copy(network)
     modules = dict(meta.named_modules())
     inputs: dict[str, torch.Size] = {}
 
@@ -82,7 +93,7 @@ def nm_macs_720p(network: nn.Module, scale: int | None = None) -> tuple[int, int
     layers' share is then replaced by ``dense_macs · N // M`` per layer (what the sparse kernels would do).
     """
     layers = nm_layers(network)
-    plain = copy.deepcopy(network).to("meta")
+    plain = meta_copy(network)
     for layer in nm_layers(plain).values():
         layer.enabled = False  # counts the dense conv
     dense = macs_at_720p(plain, scale, device="meta")

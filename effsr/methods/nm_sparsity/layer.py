@@ -49,7 +49,10 @@ class NMConv2d(nn.Conv2d):
     pattern is frozen (finetune, one-shot, SR-STE); ``enabled=False`` makes the layer dense (dense pretraining).
     """
 
-    def __init__(self, *args: Any, m: int = 8, score_max: float = 1.03, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, m: int = 8, score_max: float = 1.03, rank_weights: bool = True,
+                 **kwargs: Any) -> None:
+        """``rank_weights=False``: ``rank`` starts at 0 (``from_conv`` ranks the copied weights instead of the
+        fresh init, which it would overwrite)."""
         super().__init__(*args, **kwargs)
         in_per_group = self.in_channels // self.groups
         if in_per_group % m:
@@ -57,7 +60,8 @@ class NMConv2d(nn.Conv2d):
         self.m = m
         self.score_max = score_max
         self.scores = nn.Parameter(torch.ones(m - 1))
-        self.register_buffer("rank", magnitude_ranks(self.weight, m))
+        rank = magnitude_ranks(self.weight, m) if rank_weights else torch.zeros_like(self.weight, dtype=torch.uint8)
+        self.register_buffer("rank", rank)
         self.register_buffer("dense_macs", torch.zeros((), dtype=torch.int64))
         self.fixed_n: int | None = None
         self.straight_through_dense = False
@@ -71,7 +75,7 @@ class NMConv2d(nn.Conv2d):
         """An N:M layer with the conv's hyper-parameters and weights (N = M until scores drop)."""
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-                    padding_mode=conv.padding_mode, m=m, score_max=score_max,
+                    padding_mode=conv.padding_mode, m=m, score_max=score_max, rank_weights=False,
                     device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
