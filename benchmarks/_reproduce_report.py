@@ -28,9 +28,11 @@ def aggregate(models: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for set_name in entries[0]["sets"]:
             psnr = [entry["sets"][set_name]["psnr_y"] for entry in entries]
             ssim = [entry["sets"][set_name]["ssim_y"] for entry in entries]
+            macs = [entry["sets"][set_name].get("macs_720p") for entry in entries]
             row["sets"][set_name] = {"n_images": entries[0]["sets"][set_name]["n_images"],
                                      "psnr_y_mean": statistics.mean(psnr), "psnr_y_sd": _sd(psnr),
-                                     "ssim_y_mean": statistics.mean(ssim), "ssim_y_sd": _sd(ssim)}
+                                     "ssim_y_mean": statistics.mean(ssim), "ssim_y_sd": _sd(ssim),
+                                     "macs_720p": statistics.mean(macs) if None not in macs else None}
     return summary
 
 
@@ -39,15 +41,17 @@ def _pm(mean: float, sd: float | None, digits: int) -> str:
 
 
 def format_markdown_table(summary: dict[str, dict[str, Any]]) -> str:
-    """The summary as a Markdown table (mean ± sd over seeds; no ± with one seed)."""
+    """The summary as a Markdown table (mean ± sd over seeds; no ± with one seed). GMACs are each set's own (the
+    mean over that set's images for data-dependent methods: SMSR, ClassSR), else the model's."""
     lines = ["| model | role | seeds | set | n | PSNR-Y [dB] | SSIM-Y | GMACs@720p | params | CPU ms@720p |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for name, row in summary.items():
         for set_name, values in row["sets"].items():
+            macs = values.get("macs_720p") if values.get("macs_720p") is not None else row["macs_720p"]
             lines.append(
                 f"| {name} | {row['role']} | {row['n_seeds']} | {set_name} | {values['n_images']} | "
                 f"{_pm(values['psnr_y_mean'], values['psnr_y_sd'], 2)} | "
-                f"{_pm(values['ssim_y_mean'], values['ssim_y_sd'], 4)} | {row['macs_720p'] / 1e9:.3f} | "
+                f"{_pm(values['ssim_y_mean'], values['ssim_y_sd'], 4)} | {macs / 1e9:.3f} | "
                 f"{row['params'] / 1e3:.1f}K | {row['latency_ms_720p']:.0f} |")
     return "\n".join(lines)
 

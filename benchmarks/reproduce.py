@@ -164,8 +164,13 @@ def run_experiment(experiment: Experiment, args: argparse.Namespace, command: st
                              str(args.latency_repeats), "--title", experiment.name,
                              *(["--logger", "wandb"] if args.wandb else []),
                              "--", *compare_models)  # `--`: a model named like an option (-O) stays a model
-    print(f"  evaluating {len(compare_models)} models with effsr compare ({compare_dir / 'compare.log'})", flush=True)
-    _run_logged(compare_command, compare_dir / "compare.log")
+    if args.reuse_evaluation and _evaluated_sources(compare_dir, args.test) >= set(compare_models):
+        print(f"  --reuse-evaluation: {compare_dir / 'compare.json'} holds every model; not evaluated again",
+              flush=True)
+    else:
+        print(f"  evaluating {len(compare_models)} models with effsr compare ({compare_dir / 'compare.log'})",
+              flush=True)
+        _run_logged(compare_command, compare_dir / "compare.log")
     report_json = json.loads((compare_dir / "compare.json").read_text())
     compared = {entry["name"]: entry for entry in report_json["models"]}
     models = []
@@ -175,7 +180,7 @@ def run_experiment(experiment: Experiment, args: argparse.Namespace, command: st
         models.append({
             "name": decl.name, "role": decl.role, "seed": item["seed"], "macs_720p": entry["macs_720p"],
             "params": entry["params"], "latency_ms_720p": entry["latency_ms_720p"],
-            "sets": {set_name: {key: row[key] for key in ("psnr_y", "ssim_y", "n_images")}
+            "sets": {set_name: {key: row.get(key) for key in ("psnr_y", "ssim_y", "n_images", "macs_720p")}
                      for set_name, row in entry["sets"].items()},
             "extra": extra, "checkpoint": str(item["checkpoint"]) if item["checkpoint"] else None,
         })
@@ -200,6 +205,16 @@ def run_experiment(experiment: Experiment, args: argparse.Namespace, command: st
     if not args.no_docs:
         _write_docs(experiment, result, summary, Path(args.docs))
     return result
+
+
+def _evaluated_sources(compare_dir: Path, test: list[str]) -> set[str]:
+    """The ``label=checkpoint`` models an earlier ``effsr compare`` of this experiment evaluated (its compare.json),
+    if it ran on the same test sets (else none): a retrained model has another checkpoint path, so it is not reused."""
+    path = compare_dir / "compare.json"
+    if not path.is_file():
+        return set()
+    report = json.loads(path.read_text())
+    return {entry["source"] for entry in report["models"]} if report.get("test_sets") == list(test) else set()
 
 
 def _write_docs(experiment: Experiment, result: dict[str, Any], summary: dict[str, Any], docs: Path) -> None:
@@ -238,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--docs", default=str(REPO / "docs" / "reproduction.md"), help="Markdown file to update")
     parser.add_argument("--no-docs", dest="no_docs", action="store_true", help="do not touch the docs")
     parser.add_argument("--wandb", action="store_true", help="log the comparison as a W&B run (offline fallback)")
+    parser.add_argument("--reuse-evaluation", dest="reuse_evaluation", action="store_true",
+                        help="when the last evaluation (W/EXPERIMENT/compare/compare.json) holds every model, "
+                             "rebuild the JSON, table and docs from it instead of evaluating again")
     return parser
 
 

@@ -200,6 +200,15 @@ def test_reproduce_summary_reports_mean_sd_and_whether_the_gap_exceeds_the_sprea
     assert "1.20 dB PSNR-Y above b" in report.reading(("m", "b"), summary)[0]
     close = report.aggregate([entry("m", 0, 29.0), entry("m", 1, 29.4), entry("b", None, 29.1)])
     assert "effect not shown" in report.reading(("m", "b"), close)[0]
+    # a data-dependent cost: each set's own GMACs (mean over seeds) in its row, the model's where a set has none
+    routed = [entry("m", seed, 30.0) for seed in (0, 1)]
+    for item, (flat, busy) in zip(routed, ((1e9, 3e9), (2e9, 4e9)), strict=True):
+        row = item["sets"]["S"]
+        item["sets"] = {"flat": {**row, "macs_720p": flat}, "busy": {**row, "macs_720p": busy}}
+    table = report.format_markdown_table(report.aggregate([*routed, entry("b", None, 29)]))
+    assert "| m | method | 2 | flat | 4 | 30.00 ± 0.00 | 0.9000 ± 0.0000 | 1.500 |" in table
+    assert "| m | method | 2 | busy | 4 | 30.00 ± 0.00 | 0.9000 ± 0.0000 | 3.500 |" in table
+    assert "| b | baseline | 1 | S | 4 | 29.00 | 0.9000 | 1.000 |" in table
 
 
 @pytest.mark.unit
