@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -77,6 +77,25 @@ class EffSRSaveConfig(SaveConfigCallback):
 _RUN_CONFIG_KEYS: dict[str, Any] = {"ckpt_path": str | None, "weights_only": bool | None, "verbose": bool | None,
                                     "return_predictions": bool | None}
 
+def _frozen(value: Any) -> Any:
+    """``value`` with its dicts/lists/sets made tuples (hashable when their items are)."""
+    if isinstance(value, dict):
+        return tuple(sorted(((key, _frozen(item)) for key, item in value.items()), key=lambda pair: repr(pair[0])))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(item) for item in value)
+    if isinstance(value, (set, frozenset)):
+        return frozenset(_frozen(item) for item in value)
+    return value
+
+
+def _clear_parse_state(parser: Any, subparsers: Any) -> None:
+    """Drops what a parse can leave on a reused parser: the ``--print_config`` request jsonargparse stores on the
+    root parser and removes only once it prints (a parse that failed after ``--print_config`` keeps it)."""
+    for item in (parser, *subparsers):
+        if "print_config" in vars(item):
+            delattr(item, "print_config")
+
+
 class EffSRCLI(LightningCLI):
     """LightningCLI with effsr's defaults: data.scale linked into the model, W&B offline fallback,
     atomic checkpoints, a last.ckpt every epoch, a progress bar that names the phase."""
@@ -110,6 +129,44 @@ class EffSRCLI(LightningCLI):
         )
         if run:
             finish_wandb_runs()
+
+    # Parsers built by setup_parser, per _parser_key: building the four subcommand parsers (the Trainer's,
+    # SRModule's and SRDataModule's signatures) is ~0.2-0.6 s CPU per EffSRCLI, and a parser does not depend on
+    # the arguments it parses, so one process (compare's runs, tests) builds each kind once.
+    _parser_cache: ClassVar[dict[Any, tuple[Any, dict[str, Any], dict[str, list[str]]]]] = {}
+
+    def _parser_key(self, add_subcommands: bool, main_kwargs: dict[str, Any],
+                    subparser_kwargs: dict[str, Any]) -> Any:
+        """Everything setup_parser's result depends on, hashable; None (no caching) when some part is not."""
+        trainer_defaults = {key: value for key, value in self.trainer_defaults.items() if key != "callbacks"}
+        key = (type(self), self._model_class, self.subclass_mode_model, self._datamodule_class,
+               self.datamodule_class is None, self.subclass_mode_data, self.trainer_class, self.parser_class,
+               self.save_config_callback, self.seed_everything_default, self.auto_configure_optimizers,
+               add_subcommands, self._single_parser, _frozen(main_kwargs), _frozen(subparser_kwargs),
+               _frozen(trainer_defaults), os.environ.get("JSONARGPARSE_DEFAULT_ENV"))
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
+                     subparser_kwargs: dict[str, Any]) -> None:
+        """Lightning's parser setup, made once per :meth:`_parser_key` in a process and reused after."""
+        key = self._parser_key(add_subcommands, main_kwargs, subparser_kwargs)
+        cached = self._parser_cache.get(key) if key is not None else None
+        if cached is None:
+            super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+            if key is not None:
+                subparsers = getattr(self, "_subcommand_parsers", {}) if add_subcommands else {}
+                methods = getattr(self, "_subcommand_method_arguments", {}) if add_subcommands else {}
+                self._parser_cache[key] = (self.parser, dict(subparsers), {k: list(v) for k, v in methods.items()})
+            return
+        self.parser, subparsers, methods = cached
+        if add_subcommands:
+            self._subcommand_parsers = dict(subparsers)
+            self._subcommand_method_arguments = {name: list(value) for name, value in methods.items()}
+        _clear_parse_state(self.parser, subparsers.values())
 
     def init_parser(self, **kwargs: Any) -> Any:
         """Parsers that raise on a bad option (turned into one readable line by ``parse_arguments``) instead of
