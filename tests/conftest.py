@@ -188,3 +188,25 @@ def smsr_with_random_masks() -> Callable[[int], torch.nn.Module]:
     are random and whose spatial masks are unbiased, so channel and spatial densities are mixed (the sparse
     path's gathers, sparse convs and dense fallback all run). Draws after it continue the seeded stream."""
     return _smsr_with_random_masks
+
+
+class RandomPatches(torch.utils.data.Dataset):
+    """``length`` seeded uint8 LR/HR training pairs (HR 16×16, LR its 2× average pooling), as SRDataModule yields
+    them: a data set for method tests that train a few steps through Lightning."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        hr = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(index))
+        lr = torch.nn.functional.avg_pool2d(hr[None].float(), 2)[0].round().byte()
+        return {"lr": lr, "hr": hr, "index": torch.tensor(index)}
+
+
+@pytest.fixture
+def random_patches() -> Callable[[int], RandomPatches]:
+    """``make(length)``: :class:`RandomPatches` of that many ×2 pairs."""
+    return RandomPatches

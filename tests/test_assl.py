@@ -260,18 +260,6 @@ def test_plan_round_trip_through_checkpoint(stage_phases: list[str], tmp_path: P
         assert fresh.cost_report()["params"] < make_module().cost_report()["params"] / 3
 
 
-class _RandomPatches(torch.utils.data.Dataset):
-    """uint8 LR/HR training pairs (HR 16×16, LR its 2× average pooling), as SRDataModule yields them."""
-
-    def __len__(self) -> int:
-        return 64
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        hr = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(index))
-        lr = torch.nn.functional.avg_pool2d(hr[None].float(), 2)[0].round().byte()
-        return {"lr": lr, "hr": hr, "index": torch.tensor(index)}
-
-
 def _phase_trainer(root: Path) -> tuple[lightning.Trainer, PhaseSchedule]:
     schedule = PhaseSchedule([
         Phase("dense", steps=3, settings={"lr": 1e-3}), Phase("ssa", steps=3),
@@ -292,8 +280,9 @@ def _trainer_module() -> ASSLModule:
 
 
 @pytest.mark.integration
-def test_trainer_runs_all_phases_and_resumes_in_wn_and_compact_stages(tmp_path: Path) -> None:
-    loader = torch.utils.data.DataLoader(_RandomPatches(), batch_size=4)
+def test_trainer_runs_all_phases_and_resumes_in_wn_and_compact_stages(
+        tmp_path: Path, random_patches: Callable[[int], torch.utils.data.Dataset]) -> None:
+    loader = torch.utils.data.DataLoader(random_patches(64), batch_size=4)
     trainer, schedule = _phase_trainer(tmp_path / "run")
     module = _trainer_module()
     trainer.fit(module, loader)

@@ -3,6 +3,7 @@ the checkpoint saved right after the prune and the |γ| statistics recorded befo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning
@@ -137,20 +138,9 @@ def test_prune_stats_record_kept_and_pruned_scales_before_the_prune() -> None:
     assert module.structure_state()["prune_stats"] == module.prune_stats
 
 
-class _Patches(torch.utils.data.Dataset):
-    """uint8 LR/HR pairs (HR 16×16)."""
-
-    def __len__(self) -> int:
-        return 16
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        hr = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(index))
-        lr = torch.nn.functional.avg_pool2d(hr[None].float(), 2)[0].round().byte()
-        return {"lr": lr, "hr": hr, "index": torch.tensor(index)}
-
-
 @pytest.mark.integration
-def test_pruned_checkpoint_is_the_compact_model_before_finetuning(tmp_path: Path) -> None:
+def test_pruned_checkpoint_is_the_compact_model_before_finetuning(
+        tmp_path: Path, random_patches: Callable[[int], torch.utils.data.Dataset]) -> None:
     torch.manual_seed(0)
     dense = LEDSR(2, num_features=FEATURES, num_blocks=1, pixel_range=255.0)
     module = ASSLModule(LEDSR(2, num_features=FEATURES, num_blocks=1, pixel_range=255.0), keep=KEEP,
@@ -161,7 +151,7 @@ def test_pruned_checkpoint_is_the_compact_model_before_finetuning(tmp_path: Path
     trainer = lightning.Trainer(max_steps=-1, max_epochs=-1, accelerator="cpu", logger=False,
                                 enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                                 enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[schedule])
-    trainer.fit(module, torch.utils.data.DataLoader(_Patches(), batch_size=4))
+    trainer.fit(module, torch.utils.data.DataLoader(random_patches(16), batch_size=4))
     saved = torch.load(tmp_path / "pruned" / "pruned.ckpt", weights_only=False)
     assert (tmp_path / "pruned" / "config.yaml").read_text() == "# the run's config\n"
     assert saved["global_step"] == 0 and saved["effsr"]["structure"]["stage"] == "compact"
