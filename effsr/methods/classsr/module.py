@@ -12,7 +12,9 @@ Phase kinds (a phase's ``name`` starts with its kind, or ``settings.kind`` names
   and cut into K equal classes (highest PSNR -> class 0 -> narrowest branch), or by ``split_thresholds``.
   Cached under ``split_cache_dir`` keyed by the data and the scoring weights.
 - ``branches``: branch k is trained on class k only (``settings.branch``: an index or a list; default all K
-  at once, each sample going to its class's branch). The sampler draws from those classes only.
+  at once, each sample going to its class's branch). The sampler draws from those classes only;
+  ``settings.all_classes: true`` trains each selected branch on every sub-image instead (a pretraining before
+  its class, effsr's option).
 - ``classifier``: branches frozen, classifier trained with w1·L1 + w2·L_class + w3·L_avg on the soft mixture.
 - ``joint``: everything trained with the same loss.
 
@@ -196,7 +198,7 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
                 self._export(f"branch_{index}", index)
         if kind == "joint":
             self._save_before_joint()
-        if kind == "branches" and self.split_labels is None:
+        if kind == "branches" and self.split_labels is None and not settings.get("all_classes"):
             raise ConfigError(f"phase '{name}' trains branches on their classes: put a `split` phase before it")
         self._set_trainable(name, settings)
         self._apply_data_subset()
@@ -273,7 +275,7 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if not isinstance(datamodule, TrainSubsetSettable):
             return
-        if self.phase_kind() != "branches" or self.split_labels is None:
+        if self.phase_kind() != "branches" or self.split_labels is None or self.phase_settings.get("all_classes"):
             datamodule.set_train_subset(None)
             return
         trained = self.trained_branches()
@@ -339,13 +341,14 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
             self._routing_counts = None
 
     def _branches_loss(self, lr: Tensor, hr: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        labels = self.labels_for(batch["index"])
+        everything = bool(self.phase_settings.get("all_classes"))
+        labels = None if everything else self.labels_for(batch["index"])
         total = lr.new_zeros(())
         used = 0
         logs: dict[str, Tensor] = {}
         for k in self.trained_branches():
             branch = self.network.branches[k]
-            mask = labels == k
+            mask = torch.ones_like(batch["index"], dtype=torch.bool) if labels is None else labels == k
             count = int(mask.sum())
             logs[f"class_frac/{k}"] = mask.float().mean()
             if count == 0:
