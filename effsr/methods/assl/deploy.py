@@ -240,7 +240,7 @@ def deploy_network(network: nn.Module) -> torch.fx.GraphModule:
 
 @dataclass
 class _DeployCache:
-    """:meth:`ASSLModule.infer`'s fused copy and what it was built from (see ``ASSLModule._fused_network``)."""
+    """:meth:`ASSLModule.infer`'s fused copy and what it was built from (see :func:`cached_deploy`)."""
 
     key: tuple[Any, ...]
     fingerprint: Tensor
@@ -266,3 +266,25 @@ def _autocast_enabled(device_type: str) -> bool:
     except TypeError:  # torch < 2.4
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
+
+def cached_deploy(network: nn.Module, device_type: str,
+                  cache: _DeployCache | None) -> tuple[nn.Module | None, _DeployCache | None]:
+    """:func:`deploy_network`'s copy of ``network`` when nothing can tell it apart, reusing ``cache`` while the
+    network is unchanged; returns (copy or None, the cache to keep). None: autograd or autocast on, a module in
+    training mode, or an inference/meta tensor (the plain network must run then)."""
+    if torch.is_grad_enabled() or _autocast_enabled(device_type):
+        return None, cache
+    modules = list(network.modules())
+    if any(module.training for module in modules):
+        return None, cache
+    tensors = [*network.parameters(), *network.buffers()]
+    if any(tensor.is_inference() or tensor.is_meta for tensor in tensors):
+        return None, cache
+    key = (tuple(map(id, modules)),
+           tuple((id(t), t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape)) for t in tensors))
+    if cache is not None and cache.key == key and torch.equal(cache.fingerprint, _fingerprint(tensors)):
+        return cache.network, cache
+    with torch.inference_mode(False), torch.no_grad():
+        deployed = deploy_network(network)
+        # modules/tensors are held so their ids cannot be reused while the key is compared against them
+        return deployed, _DeployCache(key, _fingerprint(tensors), deployed, (modules, tensors))

@@ -15,7 +15,7 @@ from effsr.checkpointing import save_side_checkpoint
 from effsr.errors import CheckpointError, ConfigError
 from effsr.loggers import log_bar_chart, log_histograms
 from effsr.methods.assl.channels import ChannelGroup, ChannelStructure, analyze_channels
-from effsr.methods.assl.deploy import _autocast_enabled, _DeployCache, _fingerprint, deploy_network
+from effsr.methods.assl.deploy import _DeployCache, cached_deploy, deploy_network
 from effsr.methods.assl.losses import GrowingL2, SSAThreshold, ssa_loss
 from effsr.methods.assl.plan import (
     CRITERIA,
@@ -218,24 +218,7 @@ class ASSLModule(SRModule):
         return deployed(lr).contiguous()
 
     def _fused_network(self, lr: Tensor) -> nn.Module | None:
-        if torch.is_grad_enabled() or _autocast_enabled(lr.device.type):
-            return None
-        modules = list(self.network.modules())
-        if any(module.training for module in modules):
-            return None
-        tensors = [*self.network.parameters(), *self.network.buffers()]
-        if any(tensor.is_inference() or tensor.is_meta for tensor in tensors):
-            return None
-        key = (tuple(map(id, modules)),
-               tuple((id(t), t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape)) for t in tensors))
-        cache = self._deploy_cache
-        if cache is not None and cache.key == key and torch.equal(cache.fingerprint, _fingerprint(tensors)):
-            return cache.network
-        self._deploy_cache = None
-        with torch.inference_mode(False), torch.no_grad():
-            network = deploy_network(self.network)
-            # modules/tensors are held so their ids cannot be reused while the key is compared against them
-            self._deploy_cache = _DeployCache(key, _fingerprint(tensors), network, (modules, tensors))
+        network, self._deploy_cache = cached_deploy(self.network, lr.device.type, self._deploy_cache)
         return network
 
     def after_optimizer_step(self) -> None:
