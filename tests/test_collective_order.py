@@ -35,7 +35,6 @@ def test_classsr_export_reads_log_dir_on_a_non_zero_rank_too(
     without writing; before the fix rank 1 skipped it and its split-score broadcast received rank 0's path."""
     trainer = _CountingTrainer(tmp_path)
     stub = SimpleNamespace(export_backbones=export_backbones, _trainer=trainer, trainer=trainer)
-    stub._run_config_path = lambda: ClassSRModule._run_config_path(stub)
     monkeypatch.setattr(classsr_module, "rank", lambda: 1)
     ClassSRModule._export(stub, "reference", 2)
     assert trainer.log_dir_reads == (1 if export_backbones else 0)  # rank 0 reads it once when it exports

@@ -77,6 +77,15 @@ def load_split_model(argument: str, scale: int) -> nn.Module:
     return scorer.eval().requires_grad_(False)
 
 
+def run_config_path(trainer: Any) -> Path | None:
+    """The ``config.yaml`` that ``effsr fit`` wrote for ``trainer``'s run, if any (reads ``trainer.log_dir``: a
+    collective under DDP, so every rank calls it)."""
+    for folder in (trainer.log_dir or "", trainer.default_root_dir):
+        if folder and (Path(folder) / "config.yaml").is_file():
+            return Path(folder) / "config.yaml"
+    return None
+
+
 def backbone_config(spec: dict[str, Any], run_config: dict[str, Any] | None, scale: int) -> dict[str, Any]:
     """The config of a branch saved alone: the run's config (data, trainer without callbacks) with the model
     replaced by a plain :class:`effsr.models.SRModule` of the branch's backbone."""

@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
@@ -40,23 +39,16 @@ from effsr.checkpointing import save_side_checkpoint
 from effsr.distributed import gather_with_grad, rank
 from effsr.errors import ConfigError
 from effsr.inference.tiling import RoutedOutput
-from effsr.methods.classsr.checkpoints import (
-    export_backbone,
-    load_reference_weights,
-)
+from effsr.methods.classsr.checkpoints import export_backbone, load_reference_weights, run_config_path
 from effsr.methods.classsr.cost import RoutedCostMixin
 from effsr.methods.classsr.losses import average_loss, class_loss
 from effsr.methods.classsr.network import ClassSRNet, RoutedClassSR
-from effsr.methods.classsr.split import SplitMixin, TrainSubsetSettable
+from effsr.methods.classsr.split import SplitMixin
 from effsr.models.base import SRModule
 
 PHASE_KINDS = ("reference", "split", "branches", "classifier", "joint")
 
 
-# ------------------------------------------------------------------------------------------------ split
-
-
-# ------------------------------------------------------------------------------------------------ module
 class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
     """ClassSR training phases and routed inference; ``network`` is a :class:`ClassSRNet`.
 
@@ -220,13 +212,6 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         if self.phase_kind() not in (None, "split"):
             self._set_trainable()
 
-    def _run_config_path(self) -> Path | None:
-        """The ``config.yaml`` that ``effsr fit`` wrote for this run, if any."""
-        for folder in (self.trainer.log_dir or "", self.trainer.default_root_dir):
-            if folder and (Path(folder) / "config.yaml").is_file():
-                return Path(folder) / "config.yaml"
-        return None
-
     def _save_before_joint(self) -> None:
         """The whole ClassSR model before ``joint`` (``export_backbones``): ``<default_root_dir>/before_joint/``
         ``before_joint.ckpt`` with the run's ``config.yaml``, so joint's effect is measurable in one run."""
@@ -239,7 +224,7 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         """Branch ``index`` as a plain backbone checkpoint (``export_backbones``; rank 0 only)."""
         if not self.export_backbones or self._trainer is None:
             return
-        source = self._run_config_path()  # every rank: trainer.log_dir is a collective (strategy.broadcast)
+        source = run_config_path(self.trainer)  # every rank: trainer.log_dir is a collective (strategy.broadcast)
         if rank() != 0:
             return
         import yaml
@@ -262,28 +247,6 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
     def on_fit_begin(self) -> None:
         """Re-applies the per-class data subset after a resume."""
         self._apply_data_subset()
-
-    def _datamodule(self) -> Any:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if not isinstance(datamodule, TrainSubsetSettable):
-            raise ConfigError("ClassSR's split and branch phases need effsr's SRDataModule (data: ...)")
-        return datamodule
-
-    def _apply_data_subset(self) -> None:
-        if self._trainer is None or self.phase_kind() is None:
-            return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not isinstance(datamodule, TrainSubsetSettable):
-            return
-        if self.phase_kind() != "branches" or self.split_labels is None or self.phase_settings.get("all_classes"):
-            datamodule.set_train_subset(None)
-            return
-        trained = self.trained_branches()
-        if len(trained) == self.num_classes:
-            datamodule.set_train_subset(None)
-            return
-        indices = np.nonzero(np.isin(self.split_labels.numpy(), trained))[0]
-        datamodule.set_train_subset(indices)
 
     def build_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> Any | None:
         """The config's LR scheduler, else for a phase with ``cosine_steps`` (and ``eta_min``, default 1e-7 as
@@ -364,9 +327,6 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         logs["branches/loss"] = loss.detach()
         return loss, logs
 
-    # ------------------------------------------------------------------ split
-
-
     # ------------------------------------------------------------------ inference
     def _router(self, proportions: Sequence[float] | None = None, source: str = "") -> RoutedClassSR:
         return RoutedClassSR(self.network, self.patch_size, self.stride, self.route_batch_size, self.force_branch,
@@ -394,7 +354,6 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
             self.add_measurement(**{f"class_count_{k}": count for k, count in enumerate(counts)})
             outputs.append(self._last_route.sr)
         return torch.cat(outputs, dim=0)
-
 
     # ------------------------------------------------------------------ checkpoints
     def structure_state(self) -> dict[str, Any]:

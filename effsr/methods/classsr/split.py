@@ -91,7 +91,32 @@ def _histogram_image(scores: np.ndarray, thresholds: list[float], title: str) ->
 
 class SplitMixin:
     """ClassSRModule's split: scoring every training sub-image (sharded over DDP ranks), the on-disk cache keyed
-    by data and scoring weights, the cut into classes, its logs and histogram."""
+    by data and scoring weights, the cut into classes, its logs and histogram, and the training draws restricted
+    to the classes of the branches a phase trains."""
+
+    def _datamodule(self) -> Any:
+        """The trainer's data module, which must be able to restrict its draws (:class:`TrainSubsetSettable`)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if not isinstance(datamodule, TrainSubsetSettable):
+            raise ConfigError("ClassSR's split and branch phases need effsr's SRDataModule (data: ...)")
+        return datamodule
+
+    def _apply_data_subset(self) -> None:
+        """A ``branches`` phase after the split draws only its branches' classes; every other phase draws all."""
+        if self._trainer is None or self.phase_kind() is None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not isinstance(datamodule, TrainSubsetSettable):
+            return
+        if self.phase_kind() != "branches" or self.split_labels is None or self.phase_settings.get("all_classes"):
+            datamodule.set_train_subset(None)
+            return
+        trained = self.trained_branches()
+        if len(trained) == self.num_classes:
+            datamodule.set_train_subset(None)
+            return
+        indices = np.nonzero(np.isin(self.split_labels.numpy(), trained))[0]
+        datamodule.set_train_subset(indices)
 
     def _split_folder(self, datamodule: Any) -> Path:
         if self.split_cache_dir:
