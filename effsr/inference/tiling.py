@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from effsr.inference.deploy import deployed
+
 Network = Callable[[Tensor], Tensor]
 
 
@@ -195,6 +197,7 @@ def routed_forward(
     batch_size: int = 64,
     count_macs: bool = False,
     blend: Literal["crop", "average"] = "average",
+    deploy: bool = False,
 ) -> RoutedOutput:
     """Routes each LR tile to one of ``networks`` (chosen by ``policy``), batching tiles per network.
 
@@ -202,6 +205,9 @@ def routed_forward(
     that ran (policy and networks) are counted by :class:`effsr.cost.MacCounter`, not estimated.
     Patches are gathered in one indexing operation and (``blend="average"``) stitched with ``index_add_``
     per batch, so the only Python loops are over networks and batches, never over patches.
+    ``deploy`` runs each network (an ``nn.Module``) in its deploy form, :func:`effsr.inference.deploy.deployed`
+    (convolutions fused with their activations; same output to float rounding). It is off while counting MACs:
+    the count is of the networks' own layers, which FlopCounterMode sees.
     """
     if lr.shape[0] != 1:
         raise ValueError("routed_forward takes one image at a time (batch size 1)")
@@ -209,6 +215,8 @@ def routed_forward(
 
     modules = [item for item in (policy, *networks) if isinstance(item, torch.nn.Module)]
     counter = MacCounter(*modules) if count_macs else None
+    if deploy and not count_macs:
+        networks = [deployed(item) if isinstance(item, torch.nn.Module) else item for item in networks]
     if counter is not None:
         counter.__enter__()
     try:

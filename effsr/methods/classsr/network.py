@@ -114,7 +114,8 @@ class ClassSRNet(nn.Module):
 
 class RoutedClassSR(nn.Module):
     """ClassSR as deployed: per LR patch the classifier's argmax (or ``force_branch``) picks one branch; routed
-    tiling (:func:`effsr.inference.tiling.routed_forward`) covers the whole image with overlap averaging.
+    tiling (:func:`effsr.inference.tiling.routed_forward`) covers the whole image with overlap averaging; the
+    branches run in their deploy form (convolutions fused with their activations, :mod:`effsr.inference.deploy`).
 
     ``proportions`` (with ``proportions_source`` saying where they come from) are the class shares its cost is
     reported at: :meth:`profile_costs`, the hook :func:`effsr.profile.profile_network` uses instead of counting
@@ -146,7 +147,7 @@ class RoutedClassSR(nn.Module):
         """Routed tiled inference of one (1, C, H, W) image in the network's pixel range."""
         return routed_forward(lr, list(self.network.branches), self.scale, self.policy,
                               patch_size=self.patch_size, overlap=self.patch_size - self.stride,
-                              batch_size=self.batch_size, count_macs=count_macs)
+                              batch_size=self.batch_size, count_macs=count_macs, deploy=True)
 
     def forward(self, lr: Tensor) -> Tensor:
         return torch.cat([self.route(lr[index:index + 1]).sr for index in range(lr.shape[0])], dim=0)
