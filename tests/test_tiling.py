@@ -1,10 +1,11 @@
-"""Tiled and routed inference: whole-image coverage, exactness, routing equivalence."""
+"""Tiled and routed inference: whole-image coverage, exactness, routing equivalence; the deploy form."""
 
 import pytest
 import torch
 from torch import nn
 
 from effsr.inference import route_overlay, routed_forward, tile_grid, tiled_forward
+from effsr.inference.deploy import FusedConvActivation, deployed, fuse_conv_activations
 
 pytestmark = pytest.mark.unit
 
@@ -90,3 +91,92 @@ def test_route_overlay_tints_each_patch() -> None:
     assert tinted.shape == image.shape
     assert not (tinted[0, 0] == tinted[0, 16]).all()
     assert (tinted[0, 0] == tinted[16, 16]).all()
+
+
+class FunctionalActivations(nn.Module):
+    """Conv→F.leaky_relu, conv→PixelShuffle→ReLU module, conv→.relu(), and a conv read twice (not fusable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.twice = nn.Conv2d(8, 8, 3, padding=1)
+        self.up = nn.Conv2d(8, 12, 3, padding=1)
+        self.shuffle, self.relu = nn.PixelShuffle(2), nn.ReLU(inplace=True)
+        self.last = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.leaky_relu(self.first(x), negative_slope=0.2)
+        pre = self.twice(out)
+        out = torch.nn.functional.relu(pre) + pre                       # `pre` has two users: stays unfused
+        return self.last(self.relu(self.shuffle(self.up(out)))).relu()  # `last` feeds a .relu(): fused
+
+
+class NotAConv(nn.Conv2d):
+    """A Conv2d subclass that computes something else from its weight: must never be fused."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+def _fused_convs(network: nn.Module) -> list[nn.Module]:
+    return [module.conv for module in network.modules() if isinstance(module, FusedConvActivation)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_deploy_form_equals_the_plain_network_and_shares_its_weights(channels_last: bool) -> None:
+    network = FunctionalActivations().eval()
+    fused = fuse_conv_activations(network)
+    assert _fused_convs(fused) == [network.first, network.up, network.last]   # by identity: weights shared
+    lr = torch.rand(3, 3, 12, 10)
+    if channels_last:
+        network, lr = network.to(memory_format=torch.channels_last), lr.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert (fused(lr) - network(lr)).abs().max() <= 1e-6
+        network.up.weight.mul_(-1)                                              # new weights need no re-trace
+        assert (fused(lr) - network(lr)).abs().max() <= 1e-6
+    slopes = sorted(module.negative_slope for module in fused.modules() if isinstance(module, FusedConvActivation))
+    assert slopes == [0.0, 0.0, 0.2]
+
+
+def test_deploy_leaves_subclassed_convs_and_untraceable_networks_alone() -> None:
+    subclassed = nn.Sequential(NotAConv(3, 3, 3, padding=1), nn.ReLU())
+    assert fuse_conv_activations(subclassed) is subclassed
+
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(x)) if x.mean() > 0 else x
+
+    untraceable = DataDependent()
+    assert fuse_conv_activations(untraceable) is untraceable
+
+
+def test_deployed_is_cached_until_a_layer_is_replaced() -> None:
+    network = TwoConvSR().eval()
+    first = deployed(network)
+    assert first is not network and deployed(network) is first
+    network.body[0] = nn.Conv2d(3, 8, 3, padding=1)
+    second = deployed(network)
+    assert second is not first and _fused_convs(second) == [network.body[0]]
+    lr = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert (second(lr) - network(lr)).abs().max() <= 1e-6
+
+
+def test_routed_deploy_form_equals_plain_routing() -> None:
+    networks = [TwoConvSR().eval(), nn.Sequential(TwoConvSR(), nn.Hardtanh(0, 0.3)).eval()]
+    lr = torch.rand(1, 3, 45, 61)
+
+    def by_brightness(patches: torch.Tensor) -> torch.Tensor:
+        return (patches.mean(dim=(1, 2, 3)) > 0.5).long()
+
+    plain = routed_forward(lr, networks, scale=2, policy=by_brightness, patch_size=16, overlap=4, batch_size=5)
+    fused = routed_forward(lr, networks, scale=2, policy=by_brightness, patch_size=16, overlap=4, batch_size=5,
+                           deploy=True)
+    assert all(len(_fused_convs(deployed(network))) == 1 for network in networks)
+    assert torch.equal(fused.route_map, plain.route_map)
+    assert (fused.sr - plain.sr).abs().max() <= 1e-6
