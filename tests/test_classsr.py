@@ -160,6 +160,38 @@ def test_routed_inference_equals_per_patch_loop_and_counts_macs() -> None:
     assert wide.macs == pytest.approx(evaluated_macs(forced), rel=1e-9)
 
 
+@pytest.mark.unit
+def test_routed_msrresnet_branches_run_fused_and_equal_the_per_patch_loop() -> None:
+    """Routed inference runs each branch's deploy form (conv + LeakyReLU fused); it equals the plain loop."""
+    from effsr.inference.deploy import FusedConvActivation, deployed
+
+    torch.manual_seed(0)
+    network = ClassSRNet(backbone="MSRResNet", widths=[4, 6, 8], scale=4, backbone_args={"num_blocks": 1})
+    module = ClassSRModule(network=network).eval()
+
+    class ByBrightness(torch.nn.Module):
+        """Logits of a forced routing: mean < 0.2 → narrow, < 0.35 → medium, else wide."""
+
+        def forward(self, patches: torch.Tensor) -> torch.Tensor:
+            mean = patches.mean(dim=(1, 2, 3))
+            return torch.stack([mean < 0.2, (mean >= 0.2) & (mean < 0.35), mean >= 0.35], dim=1).float()
+
+    network.classifier = ByBrightness()
+    lr = torch.rand(1, 3, 40, 88) * torch.linspace(0, 1, 88)    # patches from dark to bright
+    routed = module.route(lr)
+    # conv_first, the block's conv1, upconv1, upconv2 (through PixelShuffle) and conv_hr of every branch
+    assert [sum(isinstance(m, FusedConvActivation) for m in deployed(branch).modules())
+            for branch in network.branches] == [5, 5, 5]
+    expected, weight = torch.zeros_like(routed.sr), torch.zeros(1, 1, 160, 352)
+    with torch.no_grad():
+        for (y, x), choice in zip(routed.corners, routed.route_map.flatten().tolist(), strict=True):
+            patch = lr[..., y:y + 32, x:x + 32]
+            expected[..., 4 * y:4 * y + 128, 4 * x:4 * x + 128] += network.branches[choice](patch)
+            weight[..., 4 * y:4 * y + 128, 4 * x:4 * x + 128] += 1
+    assert routed.patches_per_network.tolist() == [2, 2, 2]
+    assert (routed.sr - expected / weight).abs().max() <= 1e-6
+
+
 @pytest.mark.e2e
 def test_tiny_pipeline_all_phases_then_test_routed_costs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          assert_psnr_in_range: Callable[[float], None]) -> None:
