@@ -1,6 +1,7 @@
 """ClassSR routed inference on a 2K image vs the wide branch alone vs the official per-patch loop (CPU).
 
     python benchmarks/classsr_inference.py [--backbone msrresnet|fsrcnn|carnm] [--repeats R] [--photo NAME]
+                                           [--threads T] [--clock cpu] [--plain-too]
 
 The 2K image is a sample photograph (``effsr.data.sample``) upscaled with the MATLAB-compatible bicubic to
 2040 px wide (DIV8K's Test2K size class); its LR input is the ×4 MATLAB-bicubic downscale. Weights are
@@ -11,8 +12,12 @@ FSRCNN's time on CPU is dominated by its 9×9 transposed convolution, whose col2
 
 Variants, all on the same 32×32 LR patches with stride 28 (overlap averaging, whole image covered):
 - ``routed``: effsr's routed tiling (one gather of all patches, classifier in batches, one batched call per
-  branch, ``index_add_`` stitching);
-- ``wide``: the same tiling with every patch through the wide branch (the "-O" model; no classifier);
+  branch, ``index_add_`` stitching), branches in their deploy form (``effsr.inference.deploy``: each conv fused
+  with its ReLU/LeakyReLU);
+- ``wide``: the same tiling and deploy form with every patch through the wide branch (the "-O" model; no
+  classifier);
+- with ``--plain-too`` also ``routed_plain`` / ``wide_plain``: the same without the deploy form (interleaved in
+  the same repeats, so the deploy form's effect on each and on the ratio is measured in one run);
 - ``per_patch``: the official test loop, each patch classified and super-resolved alone (batch 1).
 All variants use the same weights (channels-last unless ``--no-channels-last``; it speeds every variant and
 helps narrow convolutions most).
@@ -22,8 +27,8 @@ load from other processes affects all variants alike; speedup_vs_wide is the med
 wide/routed time within the same repeat (robust to load drifting between repeats); the slow per-patch loop
 is timed in the first ``--per-patch-repeats`` repeats only. ``--whole-image`` also times the wide branch on the
 whole LR image (no tiling, no overlap) for reference.
-Last line: ``speedup_vs_wide=X.XX macs_ratio=Y.YY speedup_vs_per_patch=Z.ZZ`` with
-macs_ratio = MACs(wide tiled) / MACs(routed).
+Last line: ``speedup_vs_wide=X.XX macs_ratio=Y.YY realised=R.RR speedup_vs_per_patch=Z.ZZ`` with
+macs_ratio = MACs(wide tiled) / MACs(routed) and realised = speedup_vs_wide / macs_ratio (the goal: ≥ 0.95).
 """
 
 from __future__ import annotations
@@ -117,10 +122,17 @@ def main() -> None:
     parser.add_argument("--per-patch-repeats", type=int, default=2,
                         help="repeats that also time the (slow) per-patch loop (the first ones)")
     parser.add_argument("--whole-image", action="store_true", help="also time the wide branch on the whole image")
+    parser.add_argument("--plain-too", action="store_true",
+                        help="also time routed and wide without the deploy form (routed_plain, wide_plain)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--route-batch", type=int, default=None,
+                        help="patches per branch call in routed and wide (default: ClassSRModule's route_batch_size)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: time.perf_counter; cpu: time.process_time (CPU seconds of this process, all "
                              "threads: less sensitive to other jobs on a shared machine)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     backbone, widths, extra = BACKBONES[args.backbone]
     if args.backbone == "msrresnet":
@@ -129,6 +141,8 @@ def main() -> None:
     if args.channels_last:
         network = network.to(memory_format=torch.channels_last)
     module = ClassSRModule(network).eval()
+    if args.route_batch is not None:
+        module.route_batch_size = args.route_batch
     wide_module = ClassSRModule(network, force_branch=network.num_classes - 1).eval()
     lr, hr_size = make_image(args.photo)
     shares = balance_classifier(module, lr)
@@ -137,10 +151,16 @@ def main() -> None:
     def routed() -> Tensor:
         return module.route(lr).sr
 
+    def tiled(networks: list[torch.nn.Module], policy: Callable[[Tensor], Tensor], deploy: bool) -> Tensor:
+        return routed_forward(lr, networks, 4, policy, patch_size=module.patch_size,
+                              overlap=module.patch_size - module.stride, batch_size=module.route_batch_size,
+                              deploy=deploy).sr
+
+    def all_wide(patches: Tensor) -> Tensor:
+        return torch.zeros(len(patches), dtype=torch.long)
+
     def wide_tiled() -> Tensor:
-        return routed_forward(lr, [wide], 4, lambda p: torch.zeros(len(p), dtype=torch.long),
-                              patch_size=module.patch_size, overlap=module.patch_size - module.stride,
-                              batch_size=module.route_batch_size).sr
+        return tiled([wide], all_wide, deploy=True)
 
     def per_patch() -> Tensor:
         return per_patch_loop(module, lr)
@@ -149,6 +169,9 @@ def main() -> None:
         return wide(lr)
 
     variants: dict[str, Callable[[], Tensor]] = {"routed": routed, "wide": wide_tiled, "per_patch": per_patch}
+    if args.plain_too:
+        variants["routed_plain"] = lambda: tiled(list(network.branches), module.policy, deploy=False)
+        variants["wide_plain"] = lambda: tiled([wide], all_wide, deploy=False)
     if args.whole_image:
         variants["wide_whole_image"] = wide_whole
     names = list(variants)
@@ -162,7 +185,8 @@ def main() -> None:
         counts = torch.bincount(choices, minlength=network.num_classes).tolist()
         branch_macs, classifier_macs = module.patch_macs()
         routed_macs = sum(n * m for n, m in zip(counts, branch_macs, strict=True)) + len(choices) * classifier_macs
-        macs = {"routed": routed_macs, "wide": len(choices) * branch_macs[-1], "per_patch": routed_macs}
+        macs = {"routed": routed_macs, "wide": len(choices) * branch_macs[-1], "per_patch": routed_macs,
+                "routed_plain": routed_macs, "wide_plain": len(choices) * branch_macs[-1]}
         if args.whole_image:
             macs["wide_whole_image"] = count_macs(copy.deepcopy(wide).to("meta"), lr.to("meta"))
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -171,6 +195,8 @@ def main() -> None:
     with torch.no_grad():
         for repeat in range(args.repeats):
             pair = ["routed", "wide"] if repeat % 2 == 0 else ["wide", "routed"]
+            if args.plain_too:
+                pair += [name + "_plain" for name in pair]
             order = pair + [name for name in names if name not in pair]
             for name in order:
                 if name == "per_patch" and repeat >= args.per_patch_repeats:
@@ -183,6 +209,8 @@ def main() -> None:
                 f"{name} {times[name][-1] * 1000:.0f} ms" for name in order if len(times[name]) == repeat + 1),
                 flush=True)
         difference = float((outputs["routed"] - outputs["per_patch"]).abs().max())
+        deploy_difference = (float((outputs["routed"] - outputs["routed_plain"]).abs().max())
+                             if args.plain_too else None)
         forced = float((wide_module.route(lr[..., :96, :96]).sr - routed_forward(
             lr[..., :96, :96], [wide], 4, lambda p: torch.zeros(len(p), dtype=torch.long)).sr).abs().max())
     median = {name: statistics.median(values) * 1000 for name, values in times.items()}
@@ -191,16 +219,26 @@ def main() -> None:
     print(f"backbone {args.backbone} {extra} widths {widths}, channels_last={args.channels_last}; random fixed "
           f"weights (seed 0), classifier last layer set for 1/3 per branch: proportions "
           f"{[round(float(s), 3) for s in shares]}; threads {torch.get_num_threads()}; "
-          f"{args.repeats} interleaved repeats, medians; {args.clock} clock")
+          f"{args.repeats} interleaved repeats, medians; {args.clock} clock; route batch {module.route_batch_size}")
     print(f"routed == per-patch loop: max |diff| {difference:.2e}; force_branch=2 == wide tiled (96x96 crop): "
           f"{forced:.2e}; MACs per patch counted by FlopCounterMode; routed includes the classifier")
+    if deploy_difference is not None:
+        print(f"deploy form == plain branches (routed): max |diff| {deploy_difference:.2e}")
     for name in names:
         print(f"{name:<18}{median[name]:>10.1f} ms{macs[name] / 1e9:>10.2f} GMACs   runs "
               + " ".join(f"{value * 1000:.0f}" for value in times[name]))
+    macs_ratio = macs["wide"] / macs["routed"]
+    if args.plain_too:
+        plain = statistics.median(w / r for w, r in zip(times["wide_plain"], times["routed_plain"], strict=True))
+        gains = {name: statistics.median(p / d for p, d in zip(times[name + "_plain"], times[name], strict=True))
+                 for name in ("routed", "wide")}
+        print(f"plain branches (no deploy form): speedup_vs_wide={plain:.2f} realised={plain / macs_ratio:.2f}; "
+              f"deploy form speeds routed x{gains['routed']:.2f}, wide x{gains['wide']:.2f} (medians of "
+              f"per-repeat ratios)")
     paired = statistics.median(w / r for w, r in zip(times["wide"], times["routed"], strict=True))
     print(f"speedup vs wide: ratio of medians {median['wide'] / median['routed']:.2f}, median of per-repeat "
           f"ratios {paired:.2f} (routed and wide run in the same repeat; reported below)")
-    print(f"speedup_vs_wide={paired:.2f} macs_ratio={macs['wide'] / macs['routed']:.2f} "
+    print(f"speedup_vs_wide={paired:.2f} macs_ratio={macs_ratio:.2f} realised={paired / macs_ratio:.2f} "
           f"speedup_vs_per_patch={median['per_patch'] / median['routed']:.2f}")
 
 
