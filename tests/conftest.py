@@ -1,7 +1,8 @@
 """Shared test set-up: one torch thread, one cache of the sample set per session, an environment free of the
 user's W&B and launcher settings, the range check for PSNRs of short training runs, the test tiers, and the
 fixtures several test files share (a code-running pickle, HR photo folders, W&B run summaries, SMSR with
-random masks).
+random masks) and helpers they import (``from conftest import macs_720p_by_area``: MACs at 720p counted on
+a small frame).
 
 Tiers (markers registered in pyproject.toml): every test carries exactly one of ``unit``, ``integration``, ``e2e``,
 ``ddp``, ``gpu``: a module-level ``pytestmark`` where a file is one tier, a decorator per test where it is mixed.
@@ -168,6 +169,22 @@ def _wandb_summary(run_dir: Path) -> dict[str, Any]:
 def wandb_summary() -> Callable[[Path], dict[str, Any]]:
     """Reads the summary of an offline W&B run folder (``wandb leet inspect``, a subprocess) as a dict."""
     return _wandb_summary
+
+
+def macs_720p_by_area(network: torch.nn.Module, scale: int) -> int:
+    """MACs of ``network`` for one 1280×720 output, counted by running the real modules (effsr.cost, no meta
+    copy) on an LR frame of a tenth of the 720p frame's sides, times 100: exact for a network whose every layer
+    costs the same per pixel (same-padded stride-1 convs, pixel shuffles), which is checked on a frame of twice
+    those sides (4× the MACs). About 1 % of the compute of the 720p frame itself."""
+    from effsr.cost import count_macs, lr_size_for_720p
+
+    assert getattr(network, "scale", scale) == scale, f"the network upsamples by x{network.scale}, not x{scale}"
+    height, width = lr_size_for_720p(scale)
+    assert height % 10 == 0 and width % 10 == 0, f"the x{scale} 720p LR frame {height}x{width} is no 10x10 tiling"
+    tenth = count_macs(network, torch.zeros(1, 3, height // 10, width // 10))
+    assert count_macs(network, torch.zeros(1, 3, height // 5, width // 5)) == 4 * tenth, \
+        f"{type(network).__name__}'s MACs are not proportional to the pixels"
+    return 100 * tenth
 
 
 def _smsr_with_random_masks(scale: int) -> torch.nn.Module:

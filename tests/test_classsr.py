@@ -334,14 +334,17 @@ _BRANCH_COUNTS: dict[str, tuple[list[int], list[int], int, int]] = {}
 
 def _branch_counts(network: ClassSRNet) -> tuple[list[int], list[int], int, int]:
     """MACs of each branch at 720p and per 32×32 patch, of the classifier per patch and on the 720p LR frame,
-    counted by running the real modules with effsr.cost (no ClassSR cost code, no meta copy). Counts follow from
-    the architecture alone, so they are counted once per architecture (its repr) and reused."""
-    from effsr.cost import count_macs, macs_at_720p
+    counted by running the real modules with effsr.cost (no ClassSR cost code, no meta copy; a branch at 720p on
+    a 1/100-area frame, :func:`conftest.macs_720p_by_area`). Counts follow from the architecture alone, so they are
+    counted once per architecture (its repr) and reused."""
+    from conftest import macs_720p_by_area
+
+    from effsr.cost import count_macs
 
     key = repr(network)
     if key not in _BRANCH_COUNTS:
         patch = torch.zeros(1, 3, 32, 32)
-        _BRANCH_COUNTS[key] = ([macs_at_720p(branch, 4) for branch in network.branches],
+        _BRANCH_COUNTS[key] = ([macs_720p_by_area(branch, 4) for branch in network.branches],
                                [count_macs(branch, patch) for branch in network.branches],
                                count_macs(network.classifier, patch),
                                count_macs(network.classifier, torch.zeros(1, 3, 180, 320)))
