@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Any, ClassVar
 
 from jsonargparse import ArgumentError
@@ -295,7 +293,7 @@ def print_overview() -> None:
           "--print_config shows the whole resolved config.\nSee `effsr fit --help` for every option.")
 
 
-# ---------------------------------------------------------------------------- profile / convert
+# ---------------------------------------------------------------------------- models from configs / convert
 def load_module_from_config(config_args: list[str], ckpt_path: str | None) -> Any:
     """Instantiates the model of an experiment config or of a run's own ``config.yaml``, and loads its checkpoint
     through the safe loader (:func:`effsr.weights.read_checkpoint`), structure first."""
@@ -310,38 +308,6 @@ def load_module_from_config(config_args: list[str], ckpt_path: str | None) -> An
     else:  # the weights the config starts from (a checkpoint holds everything, its start files are not needed)
         model.on_setup("profile")
     return model.eval()
-
-
-def profile_main(argv: list[str]) -> int:
-    from effsr.profile import format_profile_table, profile_network
-
-    parser = argparse.ArgumentParser(
-        prog="effsr profile",
-        description="Params, MACs at 1280×720 HR, MACs per 32×32 LR patch, latency and peak memory of the "
-        "model as it will be deployed (compact / sparse / routed).",
-    )
-    parser.add_argument("--config", action="append", required=True, help="experiment YAML (repeatable)")
-    parser.add_argument("--ckpt_path", default=None, help="checkpoint to profile (pruned/sparse structure included)")
-    parser.add_argument("--lr_size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                        help="LR input size for latency/memory (default: the 1280×720-HR input for the scale)")
-    parser.add_argument("--runs", type=int, default=10, help="timed runs (median reported)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--output", default=None, help="also write the JSON report to this file")
-    args, overrides = parser.parse_known_args(argv)
-    config_args = [item for config in args.config for item in ("--config", config)] + overrides
-    model = load_module_from_config(config_args, args.ckpt_path)
-    from effsr.cost import lr_size_for_720p
-
-    lr_size = tuple(args.lr_size) if args.lr_size else lr_size_for_720p(model.scale)
-    report = profile_network(model.deployed_network(), model.scale, lr_size=lr_size, runs=args.runs,
-                             device=args.device)
-    report.update({f"method_{key}": value for key, value in model.cost_report().items()})
-    report["model"] = type(model).__name__
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2, default=str))
-    print(json.dumps(report, indent=2, default=str) if args.json else format_profile_table(report))
-    return 0
 
 
 def convert_main(argv: list[str]) -> int:
@@ -372,6 +338,8 @@ def main(args: list[str] | None = None) -> int:
             print_recipes()
             return 0
         if command == "profile":
+            from effsr.profile import profile_main
+
             return profile_main(rest)
         if command == "convert":
             return convert_main(rest)

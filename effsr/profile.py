@@ -1,7 +1,7 @@
 """``effsr profile``: cost and measured speed/memory of a network as it will be deployed.
 
 :func:`profile_network` returns a JSON-serialisable dict; :func:`format_profile_table` renders it.
-The CLI (``effsr profile --config X.yaml [--ckpt_path C] [--json]``) passes the method module's
+The CLI (``effsr profile --config X.yaml [--ckpt_path C] [--json]``, :func:`profile_main`) passes the method module's
 ``deployed_network()`` (compact, sparse or routed), so whatever that network executes is what is counted
 and timed.
 
@@ -31,10 +31,12 @@ How each number is obtained:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import ctypes
 import ctypes.util
 import gc
+import json
 import platform
 import resource
 import statistics
@@ -47,7 +49,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from effsr.cost import count_macs, count_params, format_count, macs_at_720p, macs_per_lr_patch
+from effsr.cost import count_macs, count_params, format_count, lr_size_for_720p, macs_at_720p, macs_per_lr_patch
 
 __all__ = ["OwnProfileCosts", "format_profile_table", "profile_network", "time_runs_ms"]
 
@@ -260,3 +262,35 @@ def format_profile_table(report: dict[str, Any]) -> str:
             rows.append((key, _render_extra(key, value)))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def profile_main(argv: list[str]) -> int:
+    """``effsr profile``: the model of ``--config`` (and ``--ckpt_path``) profiled as deployed; prints the table
+    (or JSON) and optionally writes the JSON report."""
+    from effsr.cli import load_module_from_config  # the CLI's parser builds the model (effsr.cli imports this late)
+
+    parser = argparse.ArgumentParser(
+        prog="effsr profile",
+        description="Params, MACs at 1280×720 HR, MACs per 32×32 LR patch, latency and peak memory of the "
+        "model as it will be deployed (compact / sparse / routed).",
+    )
+    parser.add_argument("--config", action="append", required=True, help="experiment YAML (repeatable)")
+    parser.add_argument("--ckpt_path", default=None, help="checkpoint to profile (pruned/sparse structure included)")
+    parser.add_argument("--lr_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="LR input size for latency/memory (default: the 1280×720-HR input for the scale)")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs (median reported)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--output", default=None, help="also write the JSON report to this file")
+    args, overrides = parser.parse_known_args(argv)
+    config_args = [item for config in args.config for item in ("--config", config)] + overrides
+    model = load_module_from_config(config_args, args.ckpt_path)
+    lr_size = tuple(args.lr_size) if args.lr_size else lr_size_for_720p(model.scale)
+    report = profile_network(model.deployed_network(), model.scale, lr_size=lr_size, runs=args.runs,
+                             device=args.device)
+    report.update({f"method_{key}": value for key, value in model.cost_report().items()})
+    report["model"] = type(model).__name__
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report, indent=2, default=str) if args.json else format_profile_table(report))
+    return 0
