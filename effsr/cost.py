@@ -76,6 +76,7 @@ _CONV_OPS = (
     torch.ops.aten.cudnn_convolution,
     torch.ops.aten.convolution_overrideable,
     torch.ops.aten._slow_conv2d_forward,
+    torch.ops.aten.mkldnn_convolution,  # called directly by SMSR's sparse GEMMs (methods/smsr/block.py)
 )
 
 
