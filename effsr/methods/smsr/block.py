@@ -12,9 +12,10 @@ from torch import Tensor, nn
 LAYER_RULES: tuple[str, ...] = ("fixed", "pre_fix")
 
 #: Spatial density above which :meth:`SMB.forward_sparse` runs the block as dense convolutions
-#: (:meth:`SMB.forward_dense_fallback`): there the gathers cost more than the skipped MACs save. Calibrated with
-#: ``benchmarks/smsr_inference.py --clock cpu`` on one CPU thread (docs/benchmarks.md, SMSR section).
-DENSE_ABOVE_DENSITY = 0.5
+#: (:meth:`SMB.forward_dense_fallback`): there the gathers cost more than the skipped MACs save. Calibrated from
+#: per-block CPU times (one thread) of the release's 25 Set5 ×2 blocks: gathers ahead up to density 0.58,
+#: the fallback from 0.65 on (docs/benchmarks.md, SMSR section).
+DENSE_ABOVE_DENSITY = 0.6
 
 
 def _gemm_weight(weight: Tensor) -> Tensor:
@@ -26,13 +27,16 @@ def _project(rows: Tensor, kernel: Tensor) -> Tensor:
     """``rows`` (P, K) times a (N, K, 1, 1) kernel → (P, N).
 
     On CPU the product runs as oneDNN's 1x1 convolution over the rows viewed as a channels_last (1, K, P, 1) map
-    (a free view); it is 20-30 % faster than the BLAS GEMM at these shapes (K ≤ 576, N ≤ 64). Elsewhere (CUDA)
-    it is a plain GEMM.
+    (a free view), called as ``torch.mkldnn_convolution`` directly: ``F.conv2d`` sends a batch-1 1x1 conv on one
+    thread to its native GEMM path instead, 1.2-1.6× slower at these shapes (K ≤ 576, N ≤ 64, P in the
+    thousands; docs/benchmarks.md, SMSR section), and MKL's GEMM is as slow. Elsewhere (CUDA) a plain GEMM.
     """
     n_rows, depth = rows.shape
-    if rows.device.type == "cpu" and n_rows and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+    if (rows.device.type == "cpu" and n_rows and rows.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         as_map = rows.view(1, n_rows, 1, depth).permute(0, 3, 1, 2)
-        return F.conv2d(as_map, kernel).permute(0, 2, 3, 1).reshape(n_rows, kernel.shape[0])
+        product = torch.mkldnn_convolution(as_map, kernel, None, [0, 0], [1, 1], [1, 1], 1)
+        return product.permute(0, 2, 3, 1).reshape(n_rows, kernel.shape[0])
     return rows @ kernel.view(kernel.shape[0], depth).t()
 
 
@@ -119,18 +123,17 @@ class SMB(nn.Module):
             dense_columns = torch.cat([layer["dense_out"] + off for layer, off in zip(layers, offsets, strict=True)])
             sparse_columns = torch.cat([layer["sparse_out"] + off for layer, off in zip(layers, offsets, strict=True)])
             fallback = []
+            previous_order, n_dense_in = torch.arange(self.channels, device=mask.device), self.channels
             for index, (conv, layer) in enumerate(zip(self.body, layers, strict=True)):
-                inputs = [torch.arange(self.channels, device=mask.device)] if index == 0 else [
-                    layers[index - 1]["dense_out"], layers[index - 1]["sparse_out"]]
-                kinds = []
-                for columns in inputs:
-                    if not columns.numel():
-                        kinds.append(None)
-                        continue
-                    kinds.append(tuple(conv.weight[rows][:, columns].contiguous() if rows.numel() else None
-                                       for rows in (layer["dense_out"], layer["sparse_out"])))
-                fallback.append({"from_dense": kinds[0], "from_sparse": kinds[1] if len(kinds) > 1 else None,
-                                 "n_dense": layer["dense_out"].numel(), "n_sparse": layer["sparse_out"].numel()})
+                order = torch.cat([layer["dense_out"], layer["sparse_out"]])
+                sparse_in = previous_order[n_dense_in:]
+                fallback.append({
+                    "weight": conv.weight[order][:, previous_order].contiguous(),
+                    "sparse_to_dense": conv.weight[layer["dense_out"]][:, sparse_in].contiguous()
+                    if index and layer["dense_out"].numel() and sparse_in.numel() else None,
+                    "n_dense": layer["dense_out"].numel(), "n_dense_in": n_dense_in,
+                })
+                previous_order, n_dense_in = order, layer["dense_out"].numel()
             order = torch.cat([torch.cat([layer["dense_out"], layer["sparse_out"]]) + off
                                for layer, off in zip(layers, offsets, strict=True)])
             self._plan = {
@@ -154,44 +157,35 @@ class SMB(nn.Module):
         return self.collect(torch.cat(outputs, 1))
 
     def forward_dense_fallback(self, x: Tensor, spatial: Tensor) -> Tensor:
-        """The hard-mask block (:meth:`forward_masked`, fixed rule) run as dense convolutions per channel kind.
+        """The hard-mask block (:meth:`forward_masked`, fixed rule) run as one dense C→C convolution per layer.
 
-        Layer i keeps its dense outputs D_i and sparse outputs S_i as separate full maps (S_i is zero outside
-        the mask, as the rule makes it): D_i = relu(conv(D_{i−1}, W_dd) + M·conv(S_{i−1}, W_sd)) and
-        S_i = relu(M·(conv(D_{i−1}, W_ds) + conv(S_{i−1}, W_ss))), M the spatial mask. That is the dense
-        network's 9·C² MACs per pixel (half of the two full convs of :meth:`forward_masked`); the final 1x1
-        reads the maps in [D_0, S_0, D_1, ...] order with its columns permuted accordingly.
+        Layer i's map holds its dense outputs D_i and sparse outputs S_i (zero outside the mask M, as the rule
+        makes them) as channels [D_i | S_i]. With Y = conv([D_{i−1} | S_{i−1}], W) (output channels permuted
+        the same way): S_i = relu(M·Y_S) and D_i = relu(Y_D − (1−M)·conv(S_{i−1}, W_sd)), since the rule adds
+        the sparse inputs' share to the dense outputs only inside the mask. The correction is a conv with the
+        few dense output channels (≤ 24 of 64 in the release), so a layer costs the plain layer's 9·C² MACs per
+        pixel plus 9·C_s·C_d; the 1x1 collect reads the maps with its columns permuted accordingly. Reported MACs
+        (``last_macs``) are what this executes.
         """
         plan = self.plan()
         mask = (spatial > 0.5).to(x.dtype)
         pixels = x.shape[0] * x.shape[2] * x.shape[3]
-        dense_in: Tensor | None = x
-        sparse_in: Tensor | None = None
+        feature = x
         maps: list[Tensor] = []
+        macs = 0
         for layer in plan["fallback"]:
-            dense_out = sparse_out = None
-            for source, weights in ((dense_in, layer["from_dense"]), (sparse_in, layer["from_sparse"])):
-                if source is None or weights is None:
-                    continue
-                to_dense, to_sparse = weights
-                if to_dense is not None:
-                    part = F.conv2d(source, to_dense, padding=1)
-                    part = part if source is dense_in else part.mul_(mask)
-                    dense_out = part if dense_out is None else dense_out.add_(part)
-                if to_sparse is not None:
-                    part = F.conv2d(source, to_sparse, padding=1)
-                    sparse_out = part if sparse_out is None else sparse_out.add_(part)
-            if sparse_out is not None:
-                sparse_out = sparse_out.mul_(mask).relu_()
-            if dense_out is not None:
-                dense_out = dense_out.relu_()
-            if layer["n_dense"] and dense_out is None:
-                dense_out = x.new_zeros(x.shape[0], layer["n_dense"], *x.shape[2:])
-            if layer["n_sparse"] and sparse_out is None:
-                sparse_out = x.new_zeros(x.shape[0], layer["n_sparse"], *x.shape[2:])
-            maps += [item for item in (dense_out, sparse_out) if item is not None]
-            dense_in, sparse_in = dense_out, sparse_out
-        self.last_macs = int(pixels * self.n_layers * self.channels * (9 * self.channels + self.channels))
+            n_dense, n_dense_in = layer["n_dense"], layer["n_dense_in"]
+            output = F.conv2d(feature, layer["weight"], padding=1)
+            macs += pixels * 9 * layer["weight"].shape[0] * layer["weight"].shape[1]
+            if n_dense < output.shape[1]:
+                output[:, n_dense:].mul_(mask)
+            if layer["sparse_to_dense"] is not None:
+                correction = F.conv2d(feature[:, n_dense_in:], layer["sparse_to_dense"], padding=1)
+                output[:, :n_dense].sub_(correction.mul_(1.0 - mask))
+                macs += pixels * 9 * layer["sparse_to_dense"].shape[0] * layer["sparse_to_dense"].shape[1]
+            feature = output.relu_()
+            maps.append(feature)
+        self.last_macs = int(macs + pixels * self.n_layers * self.channels * self.channels)
         self.last_path = "dense"
         return F.conv2d(torch.cat(maps, 1), plan["collect_fallback"], plan["collect_bias"])
 
