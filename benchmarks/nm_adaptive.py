@@ -18,6 +18,9 @@
 
 Trained members, the tile pool and the estimators are cached in ``--work-dir`` (keyed by their settings), so a
 rerun only evaluates.
+The pieces are in ``benchmarks/_nm_adaptive_members.py`` (image pairs, crops, members trained or loaded) and
+``benchmarks/_nm_adaptive_eval.py`` (tile pool, estimators, routing tiles, replayed routings, curves); this script
+runs them and reports (table, PNG, JSON, W&B).
 
     python benchmarks/nm_adaptive.py --images ../shared/data/benchmarks --work-dir runs/nm_adaptive_bench \\
         --output docs/nm_adaptive_curve.png [--wandb]
@@ -29,356 +32,32 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
-import math
 import shlex
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-from torch import Tensor, nn
 
-from effsr.archs import EDSR, MSRResNet
-from effsr.cost import count_macs, lr_size_for_720p, macs_at_720p
-from effsr.inference.tiling import routed_forward, tile_grid
-from effsr.methods.nm_adaptive import NMEnsemble, load_nm_member, patch_mse, rank_correlation
-from effsr.methods.nm_adaptive.ensemble import member_cost, member_structure
-from effsr.methods.nm_sparsity import NMSparsityModule, nm_layers
-from effsr.metrics import psnr
-from effsr.ops import bicubic_degrade
-from effsr.weights import read_checkpoint
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
-SCALE = 4
+from _nm_adaptive_eval import (  # noqa: E402
+    estimator_quality,
+    print_curves,
+    set_curves,
+    tile_image,
+    tile_pool,
+    train_estimators,
+)
+from _nm_adaptive_members import SCALE, build_members, load_members, load_pairs, signature  # noqa: E402
 
-
-@dataclass
-class Pair:
-    """One image: LR and HR as float tensors (1, 3, h, w) in [0, 255] (uint8 values)."""
-
-    name: str
-    lr: Tensor
-    hr: Tensor
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-
-
-def load_pairs(folder: Path) -> list[Pair]:
-    """HR images (PNG/JPEG/BMP; grayscale → RGB), mod-cropped; LR by the MATLAB-compatible bicubic, uint8."""
-    pairs = []
-    for path in sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        hr, lr = bicubic_degrade(np.array(Image.open(path).convert("RGB")), SCALE)
-        pairs.append(Pair(path.stem, *(torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float() for a in (lr, hr))))
-    if not pairs:
-        raise SystemExit(f"no PNG/JPEG/BMP images in {folder}")
-    return pairs
-
-
-def random_crops(pairs: list[Pair], count: int, patch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """``count`` aligned random LR/HR crops (LR ``patch``²) with a random flip / 90° rotation each."""
-    lrs, hrs = [], []
-    for _ in range(count):
-        pair = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
-        y = int(torch.randint(pair.lr.shape[-2] - patch + 1, (1,), generator=generator))
-        x = int(torch.randint(pair.lr.shape[-1] - patch + 1, (1,), generator=generator))
-        lr = pair.lr[..., y:y + patch, x:x + patch]
-        hr = pair.hr[..., y * SCALE:(y + patch) * SCALE, x * SCALE:(x + patch) * SCALE]
-        turns = int(torch.randint(4, (1,), generator=generator))
-        lr, hr = lr.rot90(turns, (2, 3)), hr.rot90(turns, (2, 3))
-        if bool(torch.randint(2, (1,), generator=generator)):
-            lr, hr = lr.flip(3), hr.flip(3)
-        lrs.append(lr)
-        hrs.append(hr)
-    return torch.cat(lrs), torch.cat(hrs)
-
-
-# ---------------------------------------------------------------------------------------------- members
-def signature(settings: dict[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def run_phase(module: NMSparsityModule, phase: str, steps: int, peak_lr: float, pairs: list[Pair],
-              args: argparse.Namespace, generator: torch.Generator) -> int:
-    """Trains ``steps`` optimizer steps of one phase (cosine lr decay to 2 % of ``peak_lr``); ``search`` stops
-    as soon as the budget is reached. Returns the steps run."""
-    module.enter_phase(phase, {"lr": peak_lr})
-    configured = module.configure_optimizers()
-    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
-    weights = next(group for group in optimizer.param_groups if group.get("name") == "weights")
-    module.train()
-    for step in range(steps):
-        if phase == "search" and module.phase_condition("budget_reached"):
-            return step
-        weights["lr"] = peak_lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        lr, hr = random_crops(pairs, args.batch_size, args.patch, generator)
-        module.before_step(step)
-        loss, _ = module.training_loss(lr, hr, {})
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return steps
-
-
-def backbone(args: argparse.Namespace) -> EDSR | MSRResNet:
-    """The members' backbone on the [0, 255] pixel range."""
-    kind = {"edsr": EDSR, "msrresnet": MSRResNet}[args.arch]
-    return kind(SCALE, num_features=args.features, num_blocks=args.blocks, pixel_range=255.0)
-
-
-def build_members(args: argparse.Namespace, pairs: list[Pair]) -> tuple[list[NMSparsityModule], list[str], str]:
-    """Dense member + one N:M member per budget (each from the previous one), cached in the work dir; returns
-    the modules, a log line each and the signature of the last member (which covers all)."""
-    settings: dict[str, Any] = {key: getattr(args, key) for key in (
-        "arch", "features", "blocks", "m", "cost_weight", "score_lr", "dense_steps", "dense_lr", "search_steps",
-        "finetune_steps", "finetune_lr", "patch", "batch_size")}
-    modules: list[NMSparsityModule] = []
-    log: list[str] = []
-    for index, budget in enumerate([1.0, *args.budgets]):
-        settings["budgets"] = [1.0, *args.budgets][:index + 1]
-        path = args.work_dir / f"member{index}_{signature(settings)}.pt"
-        module = NMSparsityModule(backbone(args), m=args.m, budget=budget, cost_weight=args.cost_weight,
-                                  score_lr=args.score_lr, anneal_interval=5, anneal_threshold=0.02, rerank_interval=20)
-        if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-            module.rebuild_structure(saved["structure"])
-            module.network.load_state_dict(saved["network"])
-            module.phase_name = "finetune"
-            log.append(f"budget {budget:g}: loaded {path} ({saved['log']})")
-        else:
-            started = time.time()
-            generator = torch.Generator().manual_seed(index)
-            if index == 0:
-                steps = run_phase(module, "dense", args.dense_steps, args.dense_lr, pairs, args, generator)
-                module.enter_phase("finetune", {})
-                message = f"dense {steps} steps"
-            else:
-                module.network.load_state_dict(modules[-1].network.state_dict())
-                searched = run_phase(module, "search", args.search_steps, args.finetune_lr, pairs, args, generator)
-                reached = module.cost_fraction()
-                tuned = run_phase(module, "finetune", args.finetune_steps, args.finetune_lr, pairs, args, generator)
-                message = (f"search {searched} steps (N:M-layer cost {reached:.3f}, c={module.anneal_c:.2f}), "
-                           f"finetune {tuned} steps")
-            message += f", {time.time() - started:.0f} s"
-            args.work_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"network": module.network.state_dict(), "structure": module.structure_state(),
-                        "log": message, "settings": settings}, path)
-            log.append(f"budget {budget:g}: {message}")
-        module.eval()
-        modules.append(module)
-    return modules, log, signature(settings)
-
-
-# ---------------------------------------------------------------------------------------------- estimators
-def tile_pool(ensemble: NMEnsemble, pairs: list[Pair], count: int, seed: int) -> tuple[Tensor, Tensor]:
-    """``count`` random routing-size LR tiles and the (count, K) actual MSE of every member on them."""
-    lr, hr = random_crops(pairs, count, ensemble.patch_size, torch.Generator().manual_seed(seed))
-    mse = torch.cat([ensemble.member_mse(lr[i:i + 64], hr[i:i + 64]) for i in range(0, count, 64)])
-    return lr, mse
-
-
-def train_estimators(ensemble: NMEnsemble, lr: Tensor, mse: Tensor, epochs: int, batch_size: int) -> float:
-    """Adam (2e-3, cosine) on the pool; returns the final epoch's mean loss (squared error of log targets)."""
-    ensemble.initialise_estimators(ensemble.targets(mse))
-    optimizer = torch.optim.Adam(ensemble.estimators.parameters(), lr=2e-3)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
-    generator = torch.Generator().manual_seed(0)
-    ensemble.estimators.train()
-    epoch_loss = 0.0
-    for _ in range(epochs):
-        order, losses = torch.randperm(lr.shape[0], generator=generator), []
-        for start in range(0, lr.shape[0], batch_size):
-            chosen = order[start:start + batch_size]
-            loss = ensemble.estimator_loss(lr[chosen], mse[chosen])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-        scheduler.step()
-        epoch_loss = float(np.mean(losses))
-    ensemble.estimators.eval()
-    return epoch_loss
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-class SequencePolicy:
-    """Returns precomputed choices in the order routed_forward asks for them."""
-
-    def __init__(self, choices: Tensor) -> None:
-        self.choices, self.cursor = choices, 0
-
-    def __call__(self, patches: Tensor) -> Tensor:
-        chosen = self.choices[self.cursor:self.cursor + patches.shape[0]]
-        self.cursor += patches.shape[0]
-        return chosen
-
-
-class Recorder:
-    """A member as routed_forward calls it, keeping the tiles it got and what it returned (in call order)."""
-
-    def __init__(self, network: nn.Module) -> None:
-        self.network, self.tiles, self.outputs = network, [], []
-
-    def __call__(self, patches: Tensor) -> Tensor:
-        output = self.network(patches)
-        self.tiles.append(patches)
-        self.outputs.append(output)
-        return output
-
-
-class Replay:
-    """Member ``index`` replayed from its recorded outputs of every tile: returns those of the tiles ``choices``
-    routes to it, in the order routed_forward asks for them (ascending tile index, in batches)."""
-
-    def __init__(self, outputs: Tensor, choices: Tensor, index: int) -> None:
-        self.outputs, self.order, self.cursor = outputs, torch.nonzero(choices == index).flatten(), 0
-
-    def __call__(self, patches: Tensor) -> Tensor:
-        chosen = self.order[self.cursor:self.cursor + patches.shape[0]]
-        self.cursor += patches.shape[0]
-        return self.outputs[chosen]
-
-
-@dataclass
-class TiledImage:
-    """One held-out image cut into the ensemble's routing tiles, with every member's output on every tile."""
-
-    pair: Pair
-    tiles: Tensor
-    outputs: list[Tensor]
-    actual: Tensor
-    estimated: Tensor
-
-
-@torch.no_grad()
-def tile_image(ensemble: NMEnsemble, pair: Pair) -> TiledImage:
-    """Runs every member once on every routing tile of ``pair`` (as routed_forward cuts them) and records the
-    tiles, the outputs, the actual (P, K) Y-MSE against the HR tiles and the estimated (P, K) MSE."""
-    patch = ensemble.patch_size
-    if min(pair.lr.shape[-2:]) < patch:
-        raise SystemExit(f"{pair.name}: LR {tuple(pair.lr.shape[-2:])} is smaller than the routing tile {patch}")
-    outputs, tiles = [], torch.empty(0)
-    for member in ensemble.members:
-        recorder = Recorder(member)
-        routed_forward(pair.lr, [recorder], SCALE, constant_policy(0), patch_size=patch, overlap=ensemble.overlap)
-        outputs.append(torch.cat(recorder.outputs))
-        tiles = torch.cat(recorder.tiles)
-    corners = tile_grid(pair.lr.shape[-2], pair.lr.shape[-1], patch, patch - ensemble.overlap)
-    hr = torch.cat([pair.hr[..., y * SCALE:(y + patch) * SCALE, x * SCALE:(x + patch) * SCALE] for y, x in corners])
-    actual = torch.stack([patch_mse(output, hr, ensemble.pixel_range, ensemble.y_channel) for output in outputs], 1)
-    return TiledImage(pair, tiles, outputs, actual, ensemble.estimate(tiles))
-
-
-def routed_point(ensemble: NMEnsemble, image: TiledImage, choices: Tensor, tile_macs: list[int],
-                 extra_tile_macs: int) -> tuple[float, float, Tensor]:
-    """(Y-PSNR, MACs per 1280×720 output, tiles per member) of ``image`` routed by ``choices`` (one member per
-    tile): routed_forward stitches the replayed outputs; MACs = Σ chosen member's tile MACs + ``extra`` per tile."""
-    replays = [Replay(outputs, choices, k) for k, outputs in enumerate(image.outputs)]
-    routed = routed_forward(image.pair.lr, replays, SCALE, SequencePolicy(choices), patch_size=ensemble.patch_size,
-                            overlap=ensemble.overlap)
-    value = float(psnr(routed.sr / 255, image.pair.hr / 255, crop_border=SCALE, y_channel=True)[0])
-    counts = routed.patches_per_network
-    macs = sum(int(count) * macs_k for count, macs_k in zip(counts, tile_macs, strict=True))
-    macs += extra_tile_macs * int(counts.sum())
-    return value, macs / image.pair.hr[0, 0].numel() * 1280 * 720, counts
-
-
-def curve_point(ensemble: NMEnsemble, images: list[TiledImage], choices: list[Tensor], tile_macs: list[int],
-                extra_tile_macs: int) -> dict[str, Any]:
-    """Mean Y-PSNR and mean MACs per 1280×720 output over the images, and the share of tiles per member."""
-    rows = [routed_point(ensemble, image, choice, tile_macs, extra_tile_macs)
-            for image, choice in zip(images, choices, strict=True)]
-    counts = torch.stack([row[2] for row in rows]).sum(dim=0).double()
-    return {"psnr_y": float(np.mean([row[0] for row in rows])),
-            "gmacs_720p": float(np.mean([row[1] for row in rows])) / 1e9, "shares": (counts / counts.sum()).tolist()}
-
-
-def estimator_quality(estimated: Tensor, actual: Tensor, reference: int,
-                      budgets: list[float]) -> list[dict[str, float]]:
-    """Per member: mean actual MSE, mean estimated / mean actual (units check), Spearman ρ of estimated vs
-    actual MSE and of the estimated vs actual MSE gap to the reference member; printed as a table."""
-    rows = []
-    print(f"{'member':<16}{'mean MSE':>11}{'est/actual':>12}{'ρ(MSE)':>9}{'ρ(gap to ref)':>15}")
-    for k, budget in enumerate(budgets):
-        gap = float("nan") if k == reference else rank_correlation(
-            estimated[:, k] - estimated[:, reference], actual[:, k] - actual[:, reference])
-        row = {"budget": budget, "mean_mse": float(actual[:, k].mean()),
-               "mean_est_over_actual": float(estimated[:, k].mean() / actual[:, k].mean()),
-               "rho_mse": rank_correlation(estimated[:, k], actual[:, k]), "rho_gap": gap}
-        rows.append(row)
-        print(f"{'budget ' + format(budget, 'g'):<16}{row['mean_mse']:>11.3e}{row['mean_est_over_actual']:>12.3f}"
-              f"{row['rho_mse']:>9.3f}{gap:>15.3f}")
-    return rows
-
-
-def line_at(singles: list[dict[str, Any]], gmacs: float) -> float:
-    points = sorted((row["gmacs_720p"], row["psnr_y"]) for row in singles)
-    return float(np.interp(gmacs, [p[0] for p in points], [p[1] for p in points]))
-
-
-def constant_policy(index: int) -> Callable[[Tensor], Tensor]:
-    return lambda patches: torch.full((patches.shape[0],), index, dtype=torch.long)
-
-
-def set_curves(ensemble: NMEnsemble, images: list[TiledImage], penalties: list[float], tile_macs: list[int],
-               estimator_tile_macs: int) -> dict[str, Any]:
-    """Single members, the adaptive λ sweep (with its agreement with the oracle's choice and its distance to the
-    line through the single networks) and the oracle sweep, on one held-out set."""
-    singles = [curve_point(ensemble, images, [torch.full((len(image.tiles),), k) for image in images], tile_macs, 0)
-               for k in range(len(ensemble.members))]
-    costs = ensemble.costs.double()
-    adaptive, oracle = [], []
-    for penalty in penalties:
-        estimated = [(image.estimated.double() + penalty * costs).argmin(dim=1) for image in images]
-        best = [(image.actual.double() + penalty * costs).argmin(dim=1) for image in images]
-        agreement = float(torch.cat([a == b for a, b in zip(estimated, best, strict=True)]).double().mean())
-        point = curve_point(ensemble, images, estimated, tile_macs, estimator_tile_macs)
-        adaptive.append({"penalty": penalty, **point, "agreement_with_oracle": agreement,
-                         "vs_line_db": point["psnr_y"] - line_at(singles, point["gmacs_720p"])})
-        point = curve_point(ensemble, images, best, tile_macs, 0)
-        oracle.append({"penalty": penalty, **point,
-                       "vs_line_db": point["psnr_y"] - line_at(singles, point["gmacs_720p"])})
-    return {"singles": singles, "adaptive": adaptive, "oracle": oracle}
-
-
-def print_curves(name: str, curves: dict[str, Any], budgets: list[float], costs: list[float]) -> None:
-    singles, adaptive, oracle = curves["singles"], curves["adaptive"], curves["oracle"]
-    print(f"\n{name}\n{'network':<22}{'cost':>7}{'GMACs@720p':>12}{'PSNR-Y':>9}{'vs line':>9}  shares / oracle")
-    for budget, cost, row in zip(budgets, costs, singles, strict=True):
-        print(f"{'single budget ' + format(budget, 'g'):<22}{cost:>7.3f}{row['gmacs_720p']:>12.3f}"
-              f"{row['psnr_y']:>9.3f}")
-    for row, best in zip(adaptive, oracle, strict=True):
-        shares = " ".join(f"{share:.2f}" for share in row["shares"])
-        print(f"{'adaptive λ=' + format(row['penalty'], 'g'):<22}{'':>7}{row['gmacs_720p']:>12.3f}{row['psnr_y']:>9.3f}"
-              f"{row['vs_line_db']:>+9.3f}  {shares}  agree {row['agreement_with_oracle']:.2f} | oracle "
-              f"{best['gmacs_720p']:.3f} G {best['psnr_y']:.3f} dB ({best['vs_line_db']:+.3f})")
-    low, high = min(s["gmacs_720p"] for s in singles), max(s["gmacs_720p"] for s in singles)
-    inside = [row for row in adaptive if low <= row["gmacs_720p"] <= high]
-    above = sum(row["vs_line_db"] >= -0.005 for row in inside)
-    print(f"adaptive points on/above the line through the single networks: {above}/{len(inside)} inside its MACs "
-          f"range; mean {np.mean([r['vs_line_db'] for r in inside]) if inside else float('nan'):+.3f} dB, "
-          f"best {max((r['vs_line_db'] for r in inside), default=float('nan')):+.3f} dB")
-
-
-def load_members(args: argparse.Namespace) -> tuple[list[nn.Module], list[float], list[str], str]:
-    """The ``--members`` checkpoints (dense or N:M, through the safe loader): networks, their N:M budget (1 for a
-    dense one), a log line each and a signature of the files (path, size, mtime) for the caches."""
-    networks, budgets, log, files = [], [], [], []
-    for path in args.members:
-        network, cost = load_nm_member(backbone(args), str(path), args.m, "--members")
-        structure = read_checkpoint(path, "--members").get("effsr", {}).get("structure", {})
-        budget = float(structure.get("budget") or 1.0) if nm_layers(network) else 1.0
-        networks.append(network.eval())
-        budgets.append(budget)
-        log.append(f"budget {budget:g}: {path} (cost {cost:.3f} of dense)")
-        files.append([str(Path(path).resolve()), Path(path).stat().st_size, Path(path).stat().st_mtime])
-    return networks, budgets, log, signature({"members": files})
+from effsr.cost import count_macs, lr_size_for_720p, macs_at_720p  # noqa: E402
+from effsr.methods.nm_adaptive import NMEnsemble  # noqa: E402
+from effsr.methods.nm_adaptive.ensemble import member_cost, member_structure  # noqa: E402
 
 
 def main() -> None:
