@@ -59,6 +59,18 @@ def edge_masks(lr: Tensor, densities: list[float]) -> list[Tensor]:
     return masks
 
 
+def tile_coverage(masks: list[Tensor], tile: int) -> float:
+    """Fraction of the image pixels inside tile×tile tiles that hold a masked pixel (what tile-sparse execution
+    computes), pooled over the SMMs' masks; compare with the masks' own density."""
+    covered = total = 0
+    for mask in masks:
+        height, width = mask.shape[-2:]
+        tiles = F.max_pool2d(F.pad(mask, (0, -width % tile, 0, -height % tile)), tile)
+        inside = tiles.repeat_interleave(tile, 2).repeat_interleave(tile, 3)[..., :height, :width]
+        covered, total = covered + int(inside.sum()), total + mask.numel()
+    return covered / total
+
+
 def official_body(block: torch.nn.Module, x: Tensor, spatial: Tensor) -> Tensor:
     """Straightforward re-implementation of the official eval path: unfold + matmul, channel-major gathers."""
     batch, channels, height, width = x.shape
@@ -255,18 +267,22 @@ def main() -> None:
         macs["sparse"] = macs["official"] = macs["gathered"]  # the sparse MAC count (paper's), as before
         macs["sparse_executed"] = count_macs(variants["sparse"], lr)
         paths = [module.body.last_path for module in network.body]
-        images.append((path.stem, lr, masks, macs, errors, paths))
+        with torch.inference_mode():
+            network.forward_sparse(lr)
+        coverage = [sum(float(m.mean()) for m in network.last_spatial) / len(network.last_spatial)] + [
+            tile_coverage(network.last_spatial, tile) for tile in (4, 8, 16)]
+        images.append((path.stem, lr, masks, macs, errors, paths, coverage))
     times = {name: np.zeros((args.repeats, len(images))) for name in names}
     with torch.inference_mode():
         for repeat in range(args.repeats):
-            for index, (_, lr, masks, _, _, _) in enumerate(images):
+            for index, (_, lr, masks, *_rest) in enumerate(images):
                 network.forced_spatial = masks
                 shift = (repeat + index) % len(names)
                 for name in names[shift:] + names[:shift]:
                     start = clock()
                     variants[name](lr)
                     times[name][repeat, index] = (clock() - start) * 1000
-    for index, (stem, lr, _, macs, errors, _) in enumerate(images):
+    for index, (stem, lr, _, macs, errors, *_rest) in enumerate(images):
         cells = " | ".join(f"{name} {macs[name] / 1e9:.2f}G {np.median(times[name][:, index]):.1f}ms" for name in names)
         error_text = " ".join(f"{name}={value:.1e}" for name, value in errors.items())
         print(f"{stem:10s} lr={tuple(lr.shape[-2:])} {cells} | max|x-hard|: {error_text}")
@@ -282,8 +298,10 @@ def main() -> None:
                   f"macs_ratio={totals['dense'] / totals[name]:.2f}")
     print(f"gathered_speedup_vs_dense={np.median(per_round['gathered']):.2f} (every block on gathers)")
     print("sparse executed " + " ".join(f"{stem} {macs['sparse_executed'] / 1e9:.2f}G [{' '.join(paths)}]"
-                                         for stem, _, _, macs, _, paths in images)
+                                         for stem, _, _, macs, _, paths, _ in images)
           + f" (dense above density {args.dense_above})")
+    print("mask density / tile coverage 4x4 8x8 16x16 (mean over SMMs): " + " ".join(
+        f"{image[0]} " + "/".join(f"{value:.2f}" for value in image[6]) for image in images))
     print("per-image sparse speedups vs dense: " + " ".join(
         f"{stem} {np.median(times[dense][:, index] / times['sparse'][:, index]):.2f}"
         for index, (stem, *_rest) in enumerate(images)))
