@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -20,6 +21,9 @@ from effsr.cli import EffSRCLI, main
 from effsr.data.io import read_image, write_image
 from effsr.errors import ConfigError, TrainingError
 from effsr.models import SRModule
+
+if TYPE_CHECKING:
+    from conftest import CodePickle
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -340,12 +344,11 @@ def test_profile_edsr_baseline_json(tmp_path: Path) -> None:
     assert report["macs_720p"] > 100e9
 
 
-@pytest.mark.integration
-def test_profile_reads_a_runs_own_config_and_checkpoint_safely(tmp_path: Path) -> None:
-    """`effsr profile --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt` (the saved config holds
-    `ckpt_path`), weights loaded through effsr.weights; a checkpoint whose pickle needs code is refused."""
+@pytest.mark.e2e
+def test_profile_reads_a_runs_own_config_and_checkpoint(tmp_path: Path) -> None:
+    """`effsr profile --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt` after `effsr fit` (the saved
+    config holds `ckpt_path`), weights loaded through effsr.weights."""
     from effsr.cli import load_module_from_config
-    from effsr.errors import CheckpointError
 
     root = tmp_path / "run"
     EffSRCLI(args=["fit", "--config", str(TINY), "--trainer.logger=false", "--trainer.max_steps=2",
@@ -361,10 +364,26 @@ def test_profile_reads_a_runs_own_config_and_checkpoint_safely(tmp_path: Path) -
                  "--lr_size", "16", "16", "--output", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     assert report["params"] == sum(value.numel() for key, value in saved.items() if key.startswith("network."))
-    evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": saved, "hook": TrainingError("needs code to unpickle")}, evil)
+
+
+@pytest.mark.integration
+def test_profile_loads_the_checkpoint_safely(tmp_path: Path, code_pickle: CodePickle) -> None:
+    """`effsr profile`'s model loader (load_module_from_config) reads --ckpt_path through the safe loader: the
+    weights of a checkpoint load, and the same checkpoint with a pickle that needs code is refused, unrun."""
+    from effsr.cli import load_module_from_config
+    from effsr.errors import CheckpointError
+
+    torch.manual_seed(1)
+    weights = EffSRCLI(args=["--config", str(TINY), "--trainer.logger=false"], run=False).model.state_dict()
+    good, evil = tmp_path / "good.ckpt", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": weights}, good)
+    module = load_module_from_config(["--config", str(TINY)], str(good))
+    assert module.state_dict().keys() == weights.keys()
+    assert all(torch.equal(module.state_dict()[key], value) for key, value in weights.items())
+    torch.save({"state_dict": weights, "hook": code_pickle}, evil)
     with pytest.raises(CheckpointError, match=r"refusing to load --ckpt_path '.*evil.ckpt'"):
-        load_module_from_config(["--config", str(config)], str(evil))
+        load_module_from_config(["--config", str(TINY)], str(evil))
+    assert not code_pickle.ran
 
 
 def _conventions_sets() -> list[Path]:

@@ -13,8 +13,6 @@ from effsr.cli import main
 from effsr.cli_support import PACKAGED_EXPERIMENTS, composed_yaml, config_chain, recipe_name
 from effsr.errors import ConfigError
 
-pytestmark = pytest.mark.integration
-
 TINY = Path(__file__).parent / "configs" / "tiny_edsr.yaml"
 
 
@@ -41,6 +39,7 @@ def recipe(tmp_path: Path) -> Path:
     return overlay
 
 
+@pytest.mark.integration
 def test_overlay_composes_on_its_base_and_derives_the_run_name(recipe: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """Base values stay, the overlay's win (a list replaced whole), names are runs/<recipe>_x<scale> unless set."""
@@ -66,6 +65,7 @@ def test_overlay_composes_on_its_base_and_derives_the_run_name(recipe: Path,
     assert printed["trainer"]["logger"]["init_args"]["save_dir"] == "runs/tiny_x2"
 
 
+@pytest.mark.integration
 def test_paper_config_resolves_to_its_derived_names(capsys: pytest.CaptureFixture[str]) -> None:
     printed = _printed(capsys, "--config", "smsr_x4")
     assert printed["trainer"]["default_root_dir"] == "runs/smsr_x4"
@@ -74,6 +74,7 @@ def test_paper_config_resolves_to_its_derived_names(capsys: pytest.CaptureFixtur
     assert printed["data"]["lr_patch_size"] == 64 and printed["model"]["init_args"]["sparsity_weight"] == 0.1
 
 
+@pytest.mark.e2e
 def test_a_composed_runs_saved_config_loads_with_effsr_test(recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`effsr fit` of the overlay writes a complete config.yaml under runs/tiny_x2; `effsr test --config` of it runs."""
     monkeypatch.chdir(recipe.parent)
@@ -88,6 +89,7 @@ def test_a_composed_runs_saved_config_loads_with_effsr_test(recipe: Path, monkey
     assert json.loads((run / "test_results.json").read_text())["sample"]["n_images"] > 0
 
 
+@pytest.mark.integration
 def test_base_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match=r"a.yaml: its base missing.yaml does not exist"):
@@ -99,6 +101,7 @@ def test_base_errors_name_the_file(tmp_path: Path) -> None:
     assert main(["fit", "--base", "c.yaml"]) == 2  # the key belongs in config files
 
 
+@pytest.mark.integration
 def test_composed_yaml_merges_like_repeated_configs(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text("model: {class_path: A, init_args: {x: 1, y: [1, 2]}}\ndata: {a: 1, b: 2}\n")
     (tmp_path / "over.yaml").write_text("base: base.yaml\nmodel: {init_args: {y: [3]}}\ndata: {b: 3}\n")
@@ -108,6 +111,7 @@ def test_composed_yaml_merges_like_repeated_configs(tmp_path: Path) -> None:
     assert composed_yaml(tmp_path / "other.yaml")["model"] == {"class_path": "B", "init_args": {"z": 0}}
 
 
+@pytest.mark.integration
 def test_recipes_lists_one_line_per_recipe(capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
     assert main(["recipes"]) == 0

@@ -47,12 +47,6 @@ def hr_folder(folder: Path, sizes: list[tuple[int, int]]) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def sample_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache folder shared by the sample-set tests (the sample PNGs are written once)."""
-    return tmp_path_factory.mktemp("sample_cache")
-
-
 # ------------------------------------------------------------------------------------------------ io
 @pytest.mark.unit
 def test_read_image_converts_gray_rgba_16bit_and_palette(tmp_path: Path) -> None:
@@ -359,10 +353,11 @@ def test_hr_lr_folder_pairs_mismatch_and_layout_detection(tmp_path: Path) -> Non
 
 # ------------------------------------------------------------------------------------------ datamodule
 @pytest.mark.integration
-def test_datamodule_sample_set_end_to_end(sample_cache: Path) -> None:
+def test_datamodule_sample_set_end_to_end() -> None:
+    """The default cache folder: the session's (conftest's ``$EFFSR_CACHE``, where the CLI tests' ``train: sample``
+    runs write the sample PNGs once per session)."""
     module = SRDataModule(scale=4, train="sample", val_sets=["sample"], test_sets=["sample"], lr_patch_size=24,
-                          batch_size=4, samples_per_epoch=8, num_workers=0, cache_dir=str(sample_cache),
-                          max_val_images=2)
+                          batch_size=4, samples_per_epoch=8, num_workers=0, max_val_images=2)
     module.prepare_data()
     module.setup("fit")
     assert len(module.train_dataset) == len(SAMPLE_TRAIN)
