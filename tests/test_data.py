@@ -13,17 +13,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from effsr.data import SRDataModule
+from effsr.data.augment import DihedralAugment, _CV2Transpose
 from effsr.data.cache import ArrayCache, PairSource
 from effsr.data.cli import data_main
 from effsr.data.datasets import (
-    DihedralAugment,
     EvalSampler,
     RandomPatchDataset,
     SampleKey,
     SubImageDataset,
     TrainBatchSampler,
     TrainSampler,
-    _CV2Transpose,
     min_eval_hr_size,
     sample_random,
 )

@@ -5,7 +5,7 @@ the epoch's global draw order (over all ranks), so its random crop and dihedral 
 (seed, epoch, position): not on the DataLoader worker, the number of workers or the rank, and a resumed
 run redraws exactly the same samples. Randomness comes from a counter-based hash (splitmix64), and the
 dihedral element (hflip, vflip, transpose, each p = 0.5) is applied with albumentations pipelines whose
-transforms have p = 1, so albumentations' own RNG state never matters.
+transforms have p = 1, so albumentations' own RNG state never matters (``effsr.data.augment``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-import albumentations as A
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -56,36 +54,6 @@ class SampleKey(NamedTuple):
     index: int
 
 
-class _CV2Transpose(A.Transpose):
-    """albumentations' Transpose computed with cv2.transpose (6x faster than numpy's strided copy)."""
-
-    def apply(self, img: np.ndarray, **params: object) -> np.ndarray:
-        return cv2.transpose(np.ascontiguousarray(img))
-
-
-class DihedralAugment:
-    """The 8 elements of D4 (hflip, vflip, transpose, each p = 0.5) applied identically to LR and HR."""
-
-    def __init__(self) -> None:
-        self.pipelines = []
-        for element in range(8):
-            transforms: list[A.BasicTransform] = []
-            if element & 1:
-                transforms.append(A.HorizontalFlip(p=1.0))
-            if element & 2:
-                transforms.append(A.VerticalFlip(p=1.0))
-            if element & 4:
-                transforms.append(_CV2Transpose(p=1.0))
-            self.pipelines.append(A.Compose(transforms, additional_targets={"hr": "image"}, is_check_shapes=False))
-
-    def __call__(self, lr: np.ndarray, hr: np.ndarray, element: int) -> tuple[np.ndarray, np.ndarray]:
-        """Applies dihedral ``element`` (bit 0 hflip, bit 1 vflip, bit 2 transpose) to both arrays."""
-        if element == 0:
-            return lr, hr
-        out = self.pipelines[element](image=np.ascontiguousarray(lr), hr=np.ascontiguousarray(hr))
-        return out["image"], out["hr"]
-
-
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 array → contiguous (3,H,W) uint8 tensor."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
@@ -117,6 +85,8 @@ class _TrainBase(Dataset):
     """Shared augmentation and sample-key handling of the two training datasets."""
 
     def __init__(self, pairs: Sequence[CachedPair], scale: int, seed: int) -> None:
+        from effsr.data.augment import DihedralAugment  # albumentations only where training data is made
+
         self.store = _CachedPairs(pairs)
         self.scale = scale
         self.seed = seed
