@@ -36,7 +36,7 @@ class FusedConvActivation(nn.Module):
         conv = self.conv
         if (x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
                 and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
-                and torch.backends.mkldnn.is_available()):
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
             attr, scalars = ("relu", []) if self.negative_slope == 0 else ("leaky_relu", [self.negative_slope])
             return torch.ops.mkldnn._convolution_pointwise(
                 x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
