@@ -174,12 +174,13 @@ _CLASSSR_SMALL = "experiments/small/classsr_x4.yaml"
 _SMSR_SMALL = "experiments/small/smsr_x2.yaml"
 # smsr/smsr_tau1 arms only (the dense arm ignores λ, so its config and cached runs stay as they are): λ = 0.075 instead
 # of the config's 0.1 (seed 0 at 0.1: 46–50 % fewer MACs than dense per set at −0.06 to −0.17 dB; at 0.05: 26–32 % fewer
-# at −0.01 to −0.03 dB; the claim needs ≥ 35 % at ≤ 0.1 dB), warmed up over 50 % of the 1000 steps instead of the
-# config's 50. At 50 steps the spatial masks collapse to density 0 within ~100 steps: the L1 gradient on a mask's
-# (sparse − dense) logit margin is only 0.3-1× the full λ·sparsity gradient on the untrained body (coherently ~0.1×) vs
-# 17-24× on a body trained 1000 steps (the dense arm) and 20-38× in the released ×2 model, and Adam drives the margins
-# to saturation (no gradient through the Gumbel softmax) within ~100 steps in whichever direction the net push points
-# (docs/reproduction.md, smsr_x2).
+# at −0.01 to −0.03 dB; the claim needs ≥ 35 % at ≤ 0.1 dB; at 0.075 seed 0 keeps SMM 1's spatial mask, 28–34 % at ≈ 0
+# dB, and seed 1 loses it, 43–47 % at up to −0.2 dB: the trade-off is a switch at this scale, docs/reproduction.md),
+# warmed up over 50 % of the 1000 steps instead of the config's 50. At 50 steps the spatial masks collapse to density 0
+# within ~100 steps: the L1 gradient on a mask's (sparse − dense) logit margin is only 0.3-1× the full λ·sparsity
+# gradient on the untrained body (coherently ~0.1×) vs 17-24× on a body trained 1000 steps (the dense arm) and 20-38× in
+# the released ×2 model, and Adam drives the margins to saturation (no gradient through the Gumbel softmax) within ~100
+# steps in whichever direction the net push points (docs/reproduction.md, smsr_x2).
 _SMSR_RECIPE = ("--model.init_args.sparsity_weight=0.075", "--model.init_args.sparsity_warmup_steps=500")
 _BICUBIC = ModelDecl("bicubic", "baseline", compare_as="bicubic", seeded=False)
 _NM_DENSE = FitStage("experiments/small/nm_x4_dense.yaml", shared=True)
