@@ -29,7 +29,7 @@ test: install
 
 # the developer loop: unit + integration (+ gpu where CUDA is present); no subprocess CLI runs, no DDP
 test-fast: install
-	$(PY) -m pytest -q -m "not e2e and not ddp"
+	$(PY) -m pytest -q -m "not e2e and not ddp and not exhaustive"
 
 lint: install
 	$(VENV)/bin/ruff check effsr tests benchmarks

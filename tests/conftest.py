@@ -7,7 +7,8 @@ a small frame).
 Tiers (markers registered in pyproject.toml): every test carries exactly one of ``unit``, ``integration``, ``e2e``,
 ``ddp``, ``gpu``: a module-level ``pytestmark`` where a file is one tier, a decorator per test where it is mixed.
 ``gpu`` is the ``requires_cuda`` marker: without CUDA those tests are skipped here, with one reason. The fast
-developer loop is ``pytest -m "not e2e and not ddp"`` (``make test-fast``); ``make test`` runs every tier."""
+developer loop is ``pytest -m "not e2e and not ddp and not exhaustive"`` (``make test-fast``; ``exhaustive`` is not a
+tier but marks a parametrised family's further members, e.g. a recipe's other scales); ``make test`` runs all."""
 
 from __future__ import annotations
 

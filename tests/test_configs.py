@@ -5,6 +5,7 @@ files they start from in ``on_setup``, outside ``__init__``). A per-scale config
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,22 @@ def test_every_config_is_covered() -> None:
     assert used == {path.resolve() for path in RECIPES.glob("*.yaml")}
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[str(path.relative_to(EXPERIMENTS)) for path in CONFIGS])
+def _config_cases() -> list[Any]:
+    """Every config; a recipe's further scales (``x3``/``x4`` beside its first file: the same base chain and name
+    but for the scale) are marked ``exhaustive``: the fast tier instantiates each recipe at one scale, the full
+    suite every file."""
+    seen: set[tuple[str, ...]] = set()
+    cases = []
+    for path in CONFIGS:
+        chain = config_chain(path)
+        family = (*(str(item) for item in chain[:-1]), re.sub(r"_x\d+$", "", path.stem))
+        marks = [pytest.mark.exhaustive] if len(chain) > 1 and family in seen else []
+        seen.add(family)
+        cases.append(pytest.param(path, marks=marks, id=str(path.relative_to(EXPERIMENTS))))
+    return cases
+
+
+@pytest.mark.parametrize("path", _config_cases())
 def test_config_instantiates_without_data_or_checkpoints(path: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          instantiate: Callable[[list[str]], EffSRCLI]) -> None:
