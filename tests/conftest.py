@@ -2,7 +2,8 @@
 user's W&B and launcher settings, the range check for PSNRs of short training runs, the test tiers, and the
 fixtures several test files share (a code-running pickle, HR photo folders, W&B run summaries, SMSR with
 random masks) and helpers they import (``from conftest import macs_720p_by_area``: MACs at 720p counted on
-a small frame).
+a small frame; import them inside a test, never at the top of a module that a subprocess child
+imports, e.g. for a network class: importing this file strips launcher variables such as LOCAL_RANK).
 
 Tiers (markers registered in pyproject.toml): every test carries exactly one of ``unit``, ``integration``, ``e2e``,
 ``ddp``, ``gpu``: a module-level ``pytestmark`` where a file is one tier, a decorator per test where it is mixed.

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import macs_720p_by_area
 from torch import Tensor
 
 from effsr.cost import count_macs
@@ -164,6 +163,10 @@ def test_classsr_shares_and_cost_are_per_set(tmp_path: Path) -> None:
     module = _brightness_classsr()
     run = _test(module, [dark, halves], tmp_path / "out", scale=4)
     results, lr = run["results"], _lr_images(run["datamodule"])
+    # imported here, not at module level: the DDP test's `effsr test` children import this module for
+    # TextureSMSR, and conftest strips launcher variables (LOCAL_RANK) from the environment when imported
+    from conftest import macs_720p_by_area
+
     branch_720p = [macs_720p_by_area(branch, 4) for branch in module.network.branches]  # once for both sets
     expected = {name: _expected_classsr(module, lr[name], branch_720p) for name in ("Dark", "Halves")}
     assert expected["Dark"]["shares"] == [1.0, 0.0, 0.0] and min(expected["Halves"]["counts"]) > 0
