@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from bounded_run import run_bounded
 
 from effsr.distributed import gather_with_grad
 from effsr.errors import ConfigError
@@ -263,8 +263,8 @@ def test_ddp_two_processes_split_and_classifier_phase(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "effsr.cli", "fit", "--config", str(path), "--trainer.strategy=ddp",
                "--trainer.devices=2", "--trainer.accelerator=cpu"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                         env={**os.environ, "WANDB_MODE": "offline"})
+    run = run_bounded(command, timeout=300, cwd=tmp_path,
+                      env={**os.environ, "WANDB_MODE": "offline"})
     assert run.returncode == 0, run.stderr[-3000:]
     trained = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert trained["global_step"] == 4 and trained["effsr"]["phase_name"] == "classifier"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from bounded_run import run_bounded
 
 from effsr.archs import EDSR
 from effsr.cli import main
@@ -238,7 +238,7 @@ def test_reproduce_smoke_on_fresh_clone_defaults_then_cached(one_run: dict[str, 
     work, docs = tmp_path / "work", tmp_path / "docs" / "reproduction.md"
     command = [sys.executable, str(REPO / "benchmarks" / "reproduce.py"), "smoke", "--work-dir", str(work),
                "--docs", str(docs), "--latency-repeats", "1"]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    first = run_bounded(command, timeout=900, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     result = json.loads((work / "smoke.json").read_text())
     assert result["time"]["trained_this_run"] == ["edsr_tiny-s0"] and result["train"] == ["sample"]
@@ -253,8 +253,7 @@ def test_reproduce_smoke_on_fresh_clone_defaults_then_cached(one_run: dict[str, 
     marker = next((work / "runs" / "edsr_tiny").glob("seed0-*/stage0/finished.json"))
     stamp = marker.stat().st_mtime_ns, Path(method["checkpoint"]).stat().st_mtime_ns
 
-    second = subprocess.run([*command, "--test", str(one_run["hr"])], capture_output=True, text=True,
-                            timeout=900, cwd=tmp_path)
+    second = run_bounded([*command, "--test", str(one_run["hr"])], timeout=900, cwd=tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "stage 0: cached" in second.stdout and "training (" not in second.stdout
     rerun = json.loads((work / "smoke.json").read_text())

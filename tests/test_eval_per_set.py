@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from bounded_run import run_bounded
 from torch import Tensor
 
 from effsr.cost import count_macs
@@ -183,8 +184,7 @@ def test_classsr_shares_and_cost_are_per_set(tmp_path: Path) -> None:
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "effsr.cli", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, env=env)
+    return run_bounded([sys.executable, "-m", "effsr.cli", *args], timeout=300, cwd=cwd, env=env)
 
 
 @pytest.mark.ddp

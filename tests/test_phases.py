@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from bounded_run import run_bounded
 
 from effsr.cli import EffSRCLI
 from effsr.errors import ConfigError
@@ -90,7 +91,7 @@ def _ddp_fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "effsr.cli", "fit", "--config", str(CONFIG),
                "--trainer.default_root_dir", str(root),
                "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", *extra]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return run_bounded(command, env=env, timeout=300)
 
 
 @pytest.mark.ddp
