@@ -29,9 +29,11 @@ import numpy as np
 import torch
 from skimage import data
 
+from effsr.data.augment import DihedralAugment
 from effsr.data.cache import ArrayCache, PairSource
-from effsr.data.datasets import DihedralAugment, RandomPatchDataset, SampleKey, to_chw_tensor
+from effsr.data.datasets import RandomPatchDataset, to_chw_tensor
 from effsr.data.io import list_images, read_image
+from effsr.data.samplers import SampleKey
 from effsr.ops.imresize import bicubic_degrade, imresize
 
 SCALE, LR_PATCH, HR_SIZE, HR_WIDTH = 4, 48, 1356, 2040

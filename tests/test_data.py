@@ -16,18 +16,10 @@ from effsr.data import SRDataModule
 from effsr.data.augment import DihedralAugment, _CV2Transpose
 from effsr.data.cache import ArrayCache, PairSource
 from effsr.data.cli import data_main
-from effsr.data.datasets import (
-    EvalSampler,
-    RandomPatchDataset,
-    SampleKey,
-    SubImageDataset,
-    TrainBatchSampler,
-    TrainSampler,
-    min_eval_hr_size,
-    sample_random,
-)
+from effsr.data.datasets import RandomPatchDataset, SubImageDataset, min_eval_hr_size
 from effsr.data.io import read_image, write_image
 from effsr.data.sample import SAMPLE_HELDOUT, SAMPLE_TRAIN
+from effsr.data.samplers import EvalSampler, SampleKey, TrainBatchSampler, TrainSampler, sample_random
 from effsr.errors import ConfigError, DataError
 from effsr.metrics import ssim
 from effsr.ops.imresize import bicubic_degrade

@@ -15,15 +15,13 @@ from torch.utils.data import DataLoader
 from effsr.data.cache import ArrayCache, CachedPair, PairSource, default_cache_dir
 from effsr.data.datasets import (
     EvalDataset,
-    EvalSampler,
     PredictDataset,
     RandomPatchDataset,
     SubImageDataset,
     SubImageView,
-    TrainBatchSampler,
-    TrainSampler,
     check_eval_images,
 )
+from effsr.data.samplers import EvalSampler, TrainBatchSampler, TrainSampler
 from effsr.data.sources import (
     LRSource,
     check_batch_size,
