@@ -130,6 +130,29 @@ def test_split_is_cached_reused_and_invalidated_by_new_weights(tmp_path: Path, p
 
 
 @pytest.mark.unit
+def test_split_cache_survives_recopied_images(tmp_path: Path, photo_folder: Path) -> None:
+    """The key hashes the arrays' bytes: new source mtimes rename the array cache files, not the split key."""
+    import os
+
+    from effsr.data import SRDataModule
+
+    def datamodule() -> SRDataModule:
+        return SRDataModule(scale=4, train=str(photo_folder), train_crop="grid", hr_subimage_size=128,
+                            hr_subimage_step=64, num_workers=0, val_sets=[], cache_dir=str(tmp_path / "cache"))
+
+    module = _tiny_module(split_cache_dir=str(tmp_path / "splits"))
+    first_data = datamodule()
+    assert not module.compute_split(first_data)["cached"]
+    names = sorted(pair.lr_file.name for pair in first_data.train_dataset.store.pairs)
+    for image in photo_folder.iterdir():
+        os.utime(image, ns=(1_000_000_000, 1_000_000_000))              # the same images, copied again
+    second_data = datamodule()
+    second_data.setup("fit")
+    assert sorted(pair.lr_file.name for pair in second_data.train_dataset.store.pairs) != names
+    assert module.compute_split(second_data)["cached"]
+
+
+@pytest.mark.unit
 def test_routed_inference_equals_per_patch_loop_and_counts_macs() -> None:
     module = _tiny_module(stride=28).eval()
     with torch.no_grad():

@@ -23,7 +23,7 @@ from effsr.methods.classsr.checkpoints import load_split_model
 from effsr.metrics import psnr as psnr_fn
 from effsr.models.base import log_image
 
-SPLIT_VERSION = 1
+SPLIT_VERSION = 2  # 2: the key hashes the arrays' content instead of their cache file names
 
 
 @runtime_checkable
@@ -124,13 +124,20 @@ class SplitMixin:
         return Path(getattr(datamodule, "cache_dir", None) or tempfile.gettempdir()) / "classsr_splits"
 
     def split_cache_key(self, datamodule: Any, scorer: nn.Module | None = None) -> str:
-        """Hash of the sub-image table, the cached arrays it reads, the scoring weights and the protocol."""
+        """Hash of the sub-image table, the bytes of the arrays it reads, the scoring weights and the protocol.
+
+        The arrays' content, not their cache file names: those carry the source files' mtimes, so a re-copied
+        data folder (same images, new mtimes) would miss the cache and rescore every sub-image."""
         dataset = datamodule.train_dataset
         digest = hashlib.sha256()
         pairs = dataset.store.pairs
         header = [SPLIT_VERSION, self.num_classes, self.split_metric, int(datamodule.scale), int(dataset.lr_size),
-                  [pair.hr_file.name for pair in pairs], [pair.lr_file.name for pair in pairs]]
+                  [pair.name for pair in pairs]]
         digest.update(json.dumps(header).encode())
+        for pair in pairs:
+            for array in pair.load():
+                digest.update(json.dumps(list(array.shape)).encode())
+                digest.update(np.ascontiguousarray(array).data)
         digest.update(np.ascontiguousarray(dataset.table).tobytes())
         scorer = self.network.branches[-1] if scorer is None else scorer
         for key, value in sorted(scorer.state_dict().items()):
