@@ -458,3 +458,23 @@ def test_profile_headline_is_the_routed_cost_at_the_class_proportions() -> None:
     assert forced["macs_720p"] == forced["macs_720p_wide"] and forced["macs_720p_percent_of_wide"] == 100.0
     with pytest.raises(ConfigError, match="cost_proportions"):
         ClassSRModule(network=network, cost_proportions=[1, 1])
+
+
+@pytest.mark.unit
+def test_unstarted_branch_is_warned_about(tmp_path: Path, photo_folder: Path) -> None:
+    """A branch forced to its bilinear skip (zeroed conv_last) is reported; one with a residual is not."""
+    from effsr.data import SRDataModule
+
+    torch.manual_seed(0)
+    network = ClassSRNet(backbone="effsr.archs.MSRResNet", widths=[4, 6], scale=4, backbone_args={"num_blocks": 1})
+    with torch.no_grad():
+        network.branches[0].conv_last.weight.zero_()
+        network.branches[0].conv_last.bias.zero_()          # out == bilinear(lr) exactly
+        network.branches[1].conv_last.bias.fill_(0.01)      # out == bilinear(lr) + ~0.01
+    module = ClassSRModule(network=network)
+    datamodule = SRDataModule(scale=4, train=str(photo_folder), train_crop="grid", hr_subimage_size=128,
+                              hr_subimage_step=64, num_workers=0, val_sets=[], cache_dir=str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="branch 0 has not started learning") as record:
+        assert module.warn_unstarted_branches(datamodule=datamodule) == [0]
+    assert not any("branch 1" in str(item.message) for item in record)
+    assert module.warn_unstarted_branches() == []            # no trainer, no data module: nothing checked

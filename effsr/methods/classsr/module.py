@@ -186,6 +186,7 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
                 self.network.branches[-1].load_state_dict(self._initial_wide)
             return False
         if kind == "classifier":
+            self.warn_unstarted_branches()
             for index in range(self.num_classes):
                 self._export(f"branch_{index}", index)
         if kind == "joint":

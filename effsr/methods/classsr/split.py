@@ -14,7 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from effsr.distributed import all_gather_objects, broadcast_object, rank
@@ -251,3 +252,35 @@ class SplitMixin:
         Image.fromarray(image).save(root / "classsr_split_histogram.png")
         for logger in self.loggers:
             log_image(logger, "classsr/split_psnr_histogram", image, caption=title, step=self.global_step)
+
+    @torch.no_grad()
+    def warn_unstarted_branches(self, threshold: float = 1e-3, count: int = 8, datamodule: Any = None) -> list[int]:
+        """Warns about (and returns) the branches whose output on the first ``count`` training sub-images is
+        within ``threshold`` (mean |Δ|, pixel range 1) of plain bilinear or bicubic upsampling. Such a branch
+        has not started its residual path (MSRResNet's 0.1-scaled init sits at its bilinear skip for hundreds
+        of Adam steps on some batch orders) and routing patches to it is routing them to interpolation. Called when
+        the classifier phase starts (no trainer and no ``datamodule``: nothing checked)."""
+        if datamodule is None and self._trainer is None:
+            return []
+        datamodule = self._datamodule() if datamodule is None else datamodule
+        if getattr(datamodule, "train_dataset", None) is None:
+            datamodule.setup("fit")
+        batch = next(iter(datamodule.subimage_dataloader(batch_size=count, split_across_ranks=False)))
+        lr = batch["lr"].to(next(self.network.parameters()).device).float().div_(255.0)
+        unstarted = []
+        for index, branch in enumerate(self.network.branches):
+            was_training = branch.training
+            sr = branch.eval()(lr * self.pixel_range) / self.pixel_range
+            branch.train(was_training)
+            distance = min(float((sr - F.interpolate(lr, scale_factor=self.scale, mode=mode,
+                                                     align_corners=False)).abs().mean())
+                           for mode in ("bilinear", "bicubic"))
+            if distance < threshold:
+                unstarted.append(index)
+                rank_zero_warn(
+                    f"[effsr] ClassSR: branch {index} has not started learning: its output is {distance:.1e} "
+                    f"(mean |Δ|) from plain interpolation on {len(lr)} training sub-images (< {threshold:g}); "
+                    "the classifier would route patches to an upsampler. Train it longer, with the lr still high "
+                    "when its residual starts (e.g. a longer `branches` phase with `all_classes: true` first; "
+                    "docs/classsr.md, 'A branch that does not start')")
+        return unstarted
