@@ -282,5 +282,5 @@ class SplitMixin:
                     f"(mean |Δ|) from plain interpolation on {len(lr)} training sub-images (< {threshold:g}); "
                     "the classifier would route patches to an upsampler. Train it longer, with the lr still high "
                     "when its residual starts (e.g. a longer `branches` phase with `all_classes: true` first; "
-                    "docs/classsr.md, 'A branch that does not start')")
+                    "docs/classsr.md, 'Small-scale reproduction')")
         return unstarted
