@@ -18,6 +18,7 @@ import argparse
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,89 @@ def forward_with_body(network: SMSR, x: Tensor, body) -> Tensor:
     return network.add_mean(out)
 
 
+def part_timers(network: SMSR, lr: Tensor, channels_last_dense: bool) -> tuple[dict[str, Callable[[], Tensor]],
+                                                                             list[float]]:
+    """Timers of the parts of one image's sparse and dense forwards, each on the inputs that part sees there
+    (captured from one forward of each): ``head``/``ca``/``tail`` as ``(part, "sparse"|"dense")``, per SMM
+    ``mask``, the library's block path ``block``, both exact paths ``gathered``/``fallback`` and the dense block
+    ``plain``. Also the SMMs' spatial densities. ``ca`` includes the residual add, ``tail`` the final collect."""
+    x = network.sub_mean(lr)
+    inputs = {"sparse": x.contiguous(memory_format=torch.channels_last),
+              "dense": x.contiguous(memory_format=torch.channels_last) if channels_last_dense else x}
+    timers: dict[str, Callable[[], Tensor]] = {}
+    densities = []
+    for kind, start in inputs.items():
+        timers[f"head {kind}"] = lambda start=start: network.head(start)
+        feature = head = network.head(start)
+        outputs = []
+        for index, module in enumerate(network.body):
+            block = module.body
+            if kind == "sparse":
+                spatial = module.hard_spatial_mask(feature)
+                densities.append(float(spatial.mean()))
+                timers[f"mask {index}"] = lambda module=module, feature=feature: module.hard_spatial_mask(feature)
+                timers[f"block {index}"] = lambda b=block, f=feature, m=spatial: b.forward_sparse(f, m)
+                timers[f"gathered {index}"] = lambda b=block, f=feature, m=spatial: b._forward_gathered(f, m)
+                timers[f"fallback {index}"] = lambda b=block, f=feature, m=spatial: b.forward_dense_fallback(f, m)
+                body = block.forward_sparse(feature, spatial)
+            else:
+                timers[f"plain {index}"] = lambda b=block, f=feature: b.forward_plain(f)
+                body = block.forward_plain(feature)
+            timers[f"ca{index} {kind}"] = lambda module=module, body=body, f=feature: module.ca(body) + f
+            feature = module.ca(body) + feature
+            outputs.append(feature)
+        timers[f"tail {kind}"] = lambda o=outputs, f=feature, h=head, s=start: network.add_mean(
+            network.tail(network.collect(torch.cat(o, 1)) + h)
+            + F.interpolate(s, scale_factor=network.scale, mode="bicubic", align_corners=False))
+    return timers, densities
+
+
+def print_parts(network: SMSR, images: list, channels_last_dense: bool, repeats: int, clock: Callable[[], float],
+                dense_above: float) -> None:
+    """Per-part medians (interleaved rounds) of every image and their sums: where the sparse path's time goes."""
+    timers, densities = {}, {}
+    with torch.inference_mode():
+        for stem, lr, masks, *_rest in images:
+            network.forced_spatial = masks
+            image_timers, densities[stem] = part_timers(network, lr, channels_last_dense)
+            timers.update({(stem, name): timer for name, timer in image_timers.items()})
+        for timer in timers.values():
+            timer()
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in timers}
+        keys = list(timers)
+        for repeat in range(repeats):
+            shift = (repeat * 7) % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                start = clock()
+                timers[key]()
+                times[key].append((clock() - start) * 1000)
+    sums: dict[str, float] = {}
+    for stem in densities:
+        def part(name: str, stem: str = stem) -> float:
+            return float(np.median(times[(stem, name)]))
+        n = len(densities[stem])
+        row = {
+            "head": (part("head sparse"), part("head dense")),
+            "masks": (sum(part(f"mask {i}") for i in range(n)), 0.0),
+            "blocks": (sum(part(f"block {i}") for i in range(n)), sum(part(f"plain {i}") for i in range(n))),
+            "ca": (sum(part(f"ca{i} sparse") for i in range(n)), sum(part(f"ca{i} dense") for i in range(n))),
+            "tail": (part("tail sparse"), part("tail dense")),
+        }
+        oracle = sum(min(part(f"gathered {i}"), part(f"fallback {i}")) for i in range(n))
+        for name, (sparse, dense) in row.items():
+            sums[f"{name} sparse"] = sums.get(f"{name} sparse", 0.0) + sparse
+            sums[f"{name} dense"] = sums.get(f"{name} dense", 0.0) + dense
+        sums["oracle"] = sums.get("oracle", 0.0) + oracle
+        print(f"parts {stem} (sparse/dense ms): " + " ".join(f"{name} {a:.1f}/{b:.1f}" for name, (a, b) in row.items())
+              + f" | blocks' oracle min(gathered, fallback) {oracle:.1f} | per SMM density gathered fallback plain: "
+              + " | ".join(f"{densities[stem][i]:.2f} {part(f'gathered {i}'):.1f} {part(f'fallback {i}'):.1f} "
+                           f"{part(f'plain {i}'):.1f}" for i in range(n)))
+    names = ("head", "masks", "blocks", "ca", "tail")
+    print("parts total (sparse/dense ms): " + " ".join(
+        f"{name} {sums[f'{name} sparse']:.1f}/{sums[f'{name} dense']:.1f}" for name in names)
+        + f" | blocks' oracle {sums['oracle']:.1f} (blocks on the rule, fallback above density {dense_above})")
+
+
 def build_network(ckpt_path: str | None, pixel_range: float | None) -> SMSR:
     """The loaded checkpoint (official state_dict or effsr checkpoint), else the random released-sparsity stand-in."""
     if ckpt_path:
@@ -215,6 +299,9 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, nargs="*", default=[8, 16], help="tile sizes of the tile variant")
     parser.add_argument("--skip", nargs="*", default=[], choices=["dense_cl", "official"],
                         help="variants to leave out (shorter runs on a loaded machine)")
+    parser.add_argument("--parts", action="store_true",
+                        help="also time the parts of each forward (head, mask branches, each block on its path, "
+                             "on gathers, on the fallback and dense, CA, tail) in --repeats interleaved rounds")
     parser.add_argument("--dense-above", dest="dense_above", type=float, default=DENSE_ABOVE_DENSITY,
                         help="spatial density above which a block runs dense convs (the library default)")
     args = parser.parse_args()
@@ -302,8 +389,14 @@ def main() -> None:
           + f" (dense above density {args.dense_above})")
     print("mask density / tile coverage 4x4 8x8 16x16 (mean over SMMs): " + " ".join(
         f"{image[0]} " + "/".join(f"{value:.2f}" for value in image[6]) for image in images))
+    if args.parts:
+        print_parts(network, images, dense == "dense_cl", args.repeats, clock, args.dense_above)
     print("per-image sparse speedups vs dense: " + " ".join(
         f"{stem} {np.median(times[dense][:, index] / times['sparse'][:, index]):.2f}"
+        for index, (stem, *_rest) in enumerate(images)))
+    layouts = [name for name in ("dense", "dense_cl") if name in times]
+    print("per-image sparse speedups vs the faster dense layout of each image: " + " ".join(
+        f"{stem} {min(np.median(times[name][:, index]) for name in layouts) / np.median(times['sparse'][:, index]):.2f}"
         for index, (stem, *_rest) in enumerate(images)))
     print(f"dense baseline = {dense}; per-round sparse speedups: "
           + " ".join(f"{value:.2f}" for value in per_round["sparse"]))

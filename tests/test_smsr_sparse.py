@@ -94,3 +94,44 @@ def test_sparse_path_with_every_channel_dense_or_sparse_in_one_layer() -> None:
         for dense_above in (2.0, -1.0):
             block.dense_above = dense_above
             assert (block.forward_sparse(x, spatial) - reference).abs().max().item() <= 1e-4
+
+
+def _benchmark_module():
+    """benchmarks/smsr_inference.py imported from its file (benchmarks are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "smsr_inference.py"
+    spec = importlib.util.spec_from_file_location("smsr_inference_under_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.unit
+def test_benchmark_parts_see_the_inputs_of_the_real_forwards() -> None:
+    """`smsr_inference.py --parts` times each part on what it sees inside the forward: the tails built from
+    the captured parts equal forward_sparse / forward_dense, each block's three paths agree on its captured
+    input, and the listed densities are the masks the sparse forward used."""
+    from effsr.methods.smsr import SMSR
+
+    torch.manual_seed(3)
+    network = SMSR(scale=2, num_features=CHANNELS, num_modules=2, pixel_range=255.0).eval()
+    with torch.no_grad():
+        for module in network.body:
+            module.body.ch_mask.normal_()
+    lr = torch.rand(1, 3, 11, 13) * 255
+    with torch.inference_mode():
+        for channels_last_dense in (False, True):
+            timers, densities = _benchmark_module().part_timers(network, lr, channels_last_dense)
+            sparse = network.forward_sparse(lr)
+            assert densities == [float(mask.mean()) for mask in network.last_spatial]
+            dense = network.forward_dense(lr)
+            assert (timers["tail sparse"]() - sparse).abs().max().item() <= 1e-3
+            assert (timers["tail dense"]() - dense).abs().max().item() <= 1e-3
+            for index in range(2):
+                block = timers[f"block {index}"]()
+                assert (timers[f"gathered {index}"]() - block).abs().max().item() <= 1e-3
+                assert (timers[f"fallback {index}"]() - block).abs().max().item() <= 1e-3
+                assert set(timers) >= {f"mask {index}", f"plain {index}", f"ca{index} sparse", f"ca{index} dense"}

@@ -152,7 +152,7 @@ class SMB(nn.Module):
         outputs = []
         feature = x
         for conv in self.body:
-            feature = F.relu(conv(feature))
+            feature = conv(feature).relu_()
             outputs.append(feature)
         return self.collect(torch.cat(outputs, 1))
 
