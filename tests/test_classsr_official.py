@@ -74,6 +74,24 @@ def test_classifier_convs_start_kaiming_times_point_one_with_zero_bias() -> None
     assert (probabilities - 1 / 3).abs().max() < 0.1  # near-uniform start
 
 
+@pytest.mark.unit
+def test_classifier_init_scale_option_scales_the_convs_only() -> None:
+    """effsr's `classifier_init_scale`: the conv weights' std is scale x Kaiming, biases zero, the linear layer
+    PyTorch's default; <= 0 is refused."""
+    torch.manual_seed(0)
+    network = ClassSRNet(backbone="effsr.archs.FSRCNN", widths=[4, 8], scale=4, classifier_init_scale=1.0,
+                         backbone_args={"shrink_features": 4, "num_mapping": 1})
+    convs = [module for module in network.classifier.features if isinstance(module, nn.Conv2d)]
+    for conv in convs:
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert torch.count_nonzero(conv.bias) == 0
+        assert conv.weight.std().item() == pytest.approx((2.0 / fan_in) ** 0.5, rel=0.15)
+    bound = 1 / 32 ** 0.5  # nn.Linear's default uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert network.classifier.linear.weight.abs().max().item() <= bound
+    with pytest.raises(ConfigError, match="init_scale"):
+        Classifier(init_scale=0.0)
+
+
 # ------------------------------------------------------------------ split options
 @pytest.mark.unit
 def test_fixed_thresholds_assign_classes_as_the_official_divide_script() -> None:

@@ -18,10 +18,20 @@ from effsr.methods.classsr.cost import routed_costs
 
 
 class Classifier(nn.Module):
-    """ClassSR patch classifier: conv4x4/s4 -> 3x conv1x1 -> conv1x1(32) -> global avg pool -> linear."""
+    """ClassSR patch classifier: conv4x4/s4 -> 3x conv1x1 -> conv1x1(32) -> global avg pool -> linear.
 
-    def __init__(self, num_classes: int = 3, width: int = 128, pixel_range: float = 1.0) -> None:
+    ``init_scale`` multiplies the convs' Kaiming-normal weights (official 0.1). At 0.1 the five convs pass the
+    input on at ~1e-5 of its size, so training moves the biases (a constant routing that L_avg balances batch
+    by batch) and the logits' dependence on the patch can shrink instead of grow (docs/classsr.md); 1.0 is
+    effsr's option.
+    """
+
+    def __init__(self, num_classes: int = 3, width: int = 128, pixel_range: float = 1.0,
+                 init_scale: float = 0.1) -> None:
         super().__init__()
+        if not init_scale > 0:
+            raise ConfigError(f"Classifier init_scale must be > 0 (official 0.1), got {init_scale}")
+        self.init_scale = float(init_scale)
         layers: list[nn.Module] = [nn.Conv2d(3, width, 4, stride=4), nn.LeakyReLU(0.1, inplace=True)]
         for _ in range(3):
             layers += [nn.Conv2d(width, width, 1), nn.LeakyReLU(0.1, inplace=True)]
@@ -32,12 +42,12 @@ class Classifier(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """The official initialisation: convs Kaiming-normal (fan-in) x 0.1 with zero bias, the linear layer
-        PyTorch's default. The small start keeps the first class probabilities near uniform."""
+        """The official initialisation: convs Kaiming-normal (fan-in) x 0.1 (``init_scale``) with zero bias, the
+        linear layer PyTorch's default. The small start keeps the first class probabilities near uniform."""
         for module in self.features.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, a=0, mode="fan_in")
-                module.weight.data.mul_(0.1)
+                module.weight.data.mul_(self.init_scale)
                 nn.init.zeros_(module.bias)
 
     def forward(self, lr: Tensor) -> Tensor:
@@ -63,13 +73,14 @@ class ClassSRNet(nn.Module):
     width per branch: branch k = ``backbone(scale=scale, **{width_arg: widths[k]}, **backbone_args)``.
     The backbone contract: ``scale`` first (checked; taken from the branches when they are given),
     ``pixel_range``, and ``forward(lr)`` returns one SR tensor (the soft mixture, :meth:`mixture` also gives
-    the class probabilities).
+    the class probabilities). ``classifier_init_scale``: the built classifier's conv init scale (official 0.1).
     """
 
     def __init__(self, scale: int | None = None, branches: list[nn.Module] | None = None,
                  classifier: Classifier | None = None, *, backbone: str | None = None,
                  widths: list[int] | None = None, width_arg: str = "num_features",
-                 backbone_args: dict[str, Any] | None = None, pixel_range: float | None = None) -> None:
+                 backbone_args: dict[str, Any] | None = None, pixel_range: float | None = None,
+                 classifier_init_scale: float = 0.1) -> None:
         super().__init__()
         if scale is not None:
             scale = check_scale(scale)
@@ -95,7 +106,8 @@ class ClassSRNet(nn.Module):
         if scale is not None and int(scale) != self.scale:
             raise ConfigError(f"ClassSRNet: scale={scale} but the branches upsample by x{self.scale}")
         self.pixel_range = float(getattr(branches[0], "pixel_range", 1.0))
-        self.classifier = classifier or Classifier(len(branches), pixel_range=self.pixel_range)
+        self.classifier = classifier or Classifier(len(branches), pixel_range=self.pixel_range,
+                                                   init_scale=classifier_init_scale)
 
     @property
     def num_classes(self) -> int:
