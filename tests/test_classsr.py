@@ -478,3 +478,35 @@ def test_unstarted_branch_is_warned_about(tmp_path: Path, photo_folder: Path) ->
         assert module.warn_unstarted_branches(datamodule=datamodule) == [0]
     assert not any("branch 1" in str(item.message) for item in record)
     assert module.warn_unstarted_branches() == []            # no trainer, no data module: nothing checked
+
+
+@pytest.mark.unit
+def test_constant_classifier_is_warned_about(tmp_path: Path, photo_folder: Path) -> None:
+    """The logits' std over training sub-images is what is checked; zeroed convs (routing by the biases alone,
+    the same class for every patch) are reported, a patch-dependent classifier is not."""
+    import warnings
+
+    from effsr.data import SRDataModule
+
+    torch.manual_seed(0)
+    network = ClassSRNet(backbone="effsr.archs.MSRResNet", widths=[4, 6], scale=4, backbone_args={"num_blocks": 1},
+                         classifier_init_scale=1.0)
+    module = ClassSRModule(network=network)
+    datamodule = SRDataModule(scale=4, train=str(photo_folder), train_crop="grid", hr_subimage_size=128,
+                              hr_subimage_step=64, num_workers=0, val_sets=[], cache_dir=str(tmp_path / "cache"))
+    datamodule.setup("fit")
+    lr = next(iter(datamodule.subimage_dataloader(batch_size=64, split_across_ranks=False)))["lr"].float() / 255
+    with torch.no_grad():
+        expected = float(network.classifier.eval()(lr).std(dim=0).mean())
+    assert expected > 1e-4, expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert module.warn_constant_classifier(datamodule=datamodule) == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        for conv in network.classifier.features:
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.weight.zero_()
+                conv.bias.fill_(0.1)
+    with pytest.warns(UserWarning, match="barely depend on the patch"):
+        assert module.warn_constant_classifier(datamodule=datamodule) == 0.0
+    assert module.warn_constant_classifier() is None              # no trainer, no data module: nothing checked

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 
 from effsr.distributed import all_gather_objects, broadcast_object, rank
 from effsr.errors import ConfigError
@@ -253,6 +253,39 @@ class SplitMixin:
         for logger in self.loggers:
             log_image(logger, "classsr/split_psnr_histogram", image, caption=title, step=self.global_step)
 
+    def _first_subimages(self, count: int, datamodule: Any = None) -> Tensor | None:
+        """The first ``count`` training sub-images (LR, range 1) on the network's device; None without a trainer
+        and without ``datamodule``."""
+        if datamodule is None and self._trainer is None:
+            return None
+        datamodule = self._datamodule() if datamodule is None else datamodule
+        if getattr(datamodule, "train_dataset", None) is None:
+            datamodule.setup("fit")
+        batch = next(iter(datamodule.subimage_dataloader(batch_size=count, split_across_ranks=False)))
+        return batch["lr"].to(next(self.network.parameters()).device).float().div_(255.0)
+
+    @torch.no_grad()
+    def warn_constant_classifier(self, threshold: float = 1e-4, count: int = 64,
+                                 datamodule: Any = None) -> float | None:
+        """Warns when the classifier's logits hardly depend on the patch: their std over the first ``count``
+        training sub-images (mean over classes) below ``threshold``. From the official 0.1-scaled init ClassSR's
+        loss may train only its biases, a constant routing that L_avg rebalances batch by batch (docs/classsr.md,
+        'Small-scale reproduction'). Returns that std (None: nothing checked, no trainer and no ``datamodule``)."""
+        lr = self._first_subimages(count, datamodule)
+        if lr is None:
+            return None
+        classifier = self.network.classifier
+        was_training = classifier.training
+        spread = float(classifier.eval()(lr * self.pixel_range).std(dim=0).mean())
+        classifier.train(was_training)
+        if spread < threshold:
+            rank_zero_warn(
+                f"[effsr] ClassSR: the classifier's logits barely depend on the patch (std {spread:.1e} over "
+                f"{len(lr)} training sub-images, < {threshold:g}): it routes by its biases, not by difficulty. "
+                "Try `classifier_init_scale: 1.0` (ClassSRNet) and/or more classifier steps "
+                "(docs/classsr.md, 'Small-scale reproduction')")
+        return spread
+
     @torch.no_grad()
     def warn_unstarted_branches(self, threshold: float = 1e-3, count: int = 8, datamodule: Any = None) -> list[int]:
         """Warns about (and returns) the branches whose output on the first ``count`` training sub-images is
@@ -260,13 +293,9 @@ class SplitMixin:
         has not started its residual path (MSRResNet's 0.1-scaled init sits at its bilinear skip for hundreds
         of Adam steps on some batch orders) and routing patches to it is routing them to interpolation. Called when
         the classifier phase starts (no trainer and no ``datamodule``: nothing checked)."""
-        if datamodule is None and self._trainer is None:
+        lr = self._first_subimages(count, datamodule)
+        if lr is None:
             return []
-        datamodule = self._datamodule() if datamodule is None else datamodule
-        if getattr(datamodule, "train_dataset", None) is None:
-            datamodule.setup("fit")
-        batch = next(iter(datamodule.subimage_dataloader(batch_size=count, split_across_ranks=False)))
-        lr = batch["lr"].to(next(self.network.parameters()).device).float().div_(255.0)
         unstarted = []
         for index, branch in enumerate(self.network.branches):
             was_training = branch.training
