@@ -174,8 +174,9 @@ _CLASSSR_SMALL = "experiments/small/classsr_x4.yaml"
 _SMSR_SMALL = "experiments/small/smsr_x2.yaml"
 # smsr/smsr_tau1 arms only (the dense arm ignores λ, so its config and cached runs stay as they are): λ = 0.075 instead
 # of the config's 0.1 (seed 0 at 0.1: 46–50 % fewer MACs than dense per set at −0.06 to −0.17 dB; at 0.05: 26–32 % fewer
-# at −0.01 to −0.03 dB; the claim needs ≥ 35 % at ≤ 0.1 dB; at 0.075 seed 0 keeps SMM 1's spatial mask, 28–34 % at ≈ 0
-# dB, and seed 1 loses it, 43–47 % at up to −0.2 dB: the trade-off is a switch at this scale, docs/reproduction.md),
+# at −0.01 to −0.03 dB; the claim needs ≥ 35 % at ≤ 0.1 dB; at 0.075 seed 0 keeps SMM 0's and SMM 1's spatial masks,
+# 28–34 % at ≈ 0 dB, seeds 1 and 2 lose one of them, 41–47 % at up to −0.2 dB: a switch at this scale,
+# docs/reproduction.md),
 # warmed up over 50 % of the 1000 steps instead of the config's 50. At 50 steps the spatial masks collapse to density 0
 # within ~100 steps: the L1 gradient on a mask's (sparse − dense) logit margin is only 0.3-1× the full λ·sparsity
 # gradient on the untrained body (coherently ~0.1×) vs 17-24× on a body trained 1000 steps (the dense arm) and 20-38× in
@@ -282,8 +283,8 @@ EXPERIMENTS: dict[str, Experiment] = {
             summary=("ClassSR ×4, MSRResNet branches 16/24/32 (3 blocks): reference (-O, 300 steps) → split → narrow "
                      "500 steps on all sub-images then 200 on the simple class, medium 300 from scratch on its class, "
                      "wide = -O fine-tuned 150 steps on the hard class → classifier (800 steps, official w3 = 3, conv "
-                     "init ×1.0) with frozen branches; vs its -O model (the width-32 reference on all sub-images) and each branch alone; "
-                     "class shares and FLOPs % of -O per set in the JSON."),
+                     "init ×1.0) with frozen branches; vs its -O model (the width-32 reference on all sub-images) "
+                     "and each branch alone; class shares and FLOPs % of -O per set in the JSON."),
             models=(
                 ModelDecl("classsr", "method", (FitStage(_CLASSSR_SMALL),), extra=classsr_record),
                 ModelDecl("-O", "baseline", from_run=("classsr", "reference/reference.ckpt")),
