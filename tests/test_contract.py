@@ -73,7 +73,7 @@ def test_no_method_class_defines_a_lightning_hook(cls: type) -> None:
                  for name in vars(klass) if name in LIGHTNING_HOOKS)
     assert not own, (f"{cls.__qualname__} overrides Lightning hook(s) {own}; use SRModule's hooks instead "
                      "(on_eval_start/on_eval_end, after_optimizer_step, build_lr_scheduler/adjust_optimizer, "
-                     "on_checkpoint_loaded, on_fit_begin, on_phase_resumed; docs/design.md)")
+                     "on_checkpoint_loaded, on_fit_begin, on_fit_finished, on_phase_resumed; docs/design.md)")
 
 
 @pytest.mark.unit
@@ -143,6 +143,9 @@ class Recorder(SRModule):
 
     def on_fit_begin(self) -> None:
         self.calls.append(("on_fit_begin", self.phase_name))
+
+    def on_fit_finished(self) -> None:
+        self.calls.append(("on_fit_finished", self.phase_name, self.global_step))
 
     def on_phase_resumed(self, name: str, settings: dict[str, Any]) -> None:
         self.calls.append(("on_phase_resumed", name, dict(settings)))
@@ -230,6 +233,7 @@ def test_hooks_in_a_fit_and_a_resume_inside_a_phase(tmp_path: Path) -> None:
     assert ends == [("on_eval_end", "val", ["sample"])]
     assert names.index("on_eval_end") > names.index("on_eval_start", 1)
     assert "on_phase_resumed" not in names
+    assert names.count("on_fit_finished") == 1 and first.calls[-1] == ("on_fit_finished", "second", 3)
 
     resumed = Recorder(_Net())
     _fit(resumed, tmp_path, max_steps=4, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))

@@ -7,7 +7,8 @@ results as JSON and console summaries (:mod:`effsr.models.results`), and the pha
 :class:`effsr.phases.PhaseSchedule` callback drives. Methods override the small hooks documented in
 ``docs/design.md`` (``training_loss``, ``infer``, ``on_phase_start``, ...), never the Lightning hooks: those are
 ``@final`` here and call the method hooks (``on_eval_start/end``, ``after_optimizer_step``, ``adjust_optimizer``,
-``build_lr_scheduler``, ``on_checkpoint_loaded``, ``on_fit_begin``, ``on_phase_resumed``) at fixed points, so a
+``build_lr_scheduler``, ``on_checkpoint_loaded``, ``on_fit_begin``, ``on_fit_finished``, ``on_phase_resumed``) at
+fixed points, so a
 method cannot forget a ``super()`` call or run its part in the wrong order (``tests/test_contract.py`` checks it).
 """
 
@@ -141,6 +142,9 @@ class SRModule(EvaluationMixin, L.LightningModule):
     def on_fit_begin(self) -> None:
         """At the start of every fit, after the PhaseSchedule entered (or resumed) its phase."""
 
+    def on_fit_finished(self) -> None:
+        """At the end of every fit (its last step and validation done): end-of-run checks and reports."""
+
     def on_phase_resumed(self, name: str, settings: dict[str, Any]) -> None:
         """A fit resumes from a checkpoint inside phase ``name`` (:meth:`on_phase_start` is not called again);
         called by the PhaseSchedule before :meth:`on_fit_begin`."""
@@ -259,6 +263,10 @@ class SRModule(EvaluationMixin, L.LightningModule):
     @final
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.after_optimizer_step()
+
+    @final
+    def on_train_end(self) -> None:
+        self.on_fit_finished()
 
     # ------------------------------------------------------------------ Lightning: checkpoints
     @final

@@ -239,7 +239,7 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         rank_zero_info(f"[effsr] ClassSR: {name} (branch {index}) saved as {path}"
                        + ("" if specs else " (no config.yaml: the network was given as `branches`)"))
 
-    def on_train_end(self) -> None:
+    def on_fit_finished(self) -> None:
         """A fit that ends in ``classifier``/``joint`` checks that the classifier's routing depends on the patch."""
         if self.phase_kind() in ("classifier", "joint"):
             self.warn_constant_classifier()
