@@ -481,6 +481,27 @@ def test_unstarted_branch_is_warned_about(tmp_path: Path, photo_folder: Path) ->
 
 
 @pytest.mark.unit
+def test_unstarted_reference_is_warned_about(tmp_path: Path, photo_folder: Path) -> None:
+    """The reference (the wide branch when the split starts) at its bilinear skip is reported; with a residual not."""
+    from effsr.data import SRDataModule
+
+    torch.manual_seed(0)
+    network = ClassSRNet(backbone="effsr.archs.MSRResNet", widths=[4, 6], scale=4, backbone_args={"num_blocks": 1})
+    datamodule = SRDataModule(scale=4, train=str(photo_folder), train_crop="grid", hr_subimage_size=128,
+                              hr_subimage_step=64, num_workers=0, val_sets=[], cache_dir=str(tmp_path / "cache"))
+    module = ClassSRModule(network=network)
+    with torch.no_grad():
+        network.branches[-1].conv_last.weight.zero_()
+        network.branches[-1].conv_last.bias.zero_()         # out == bilinear(lr) exactly
+    with pytest.warns(UserWarning, match=r"the reference \(-O model\) has not started learning"):
+        assert module.warn_unstarted_reference(datamodule=datamodule)
+    with torch.no_grad():
+        network.branches[-1].conv_last.bias.fill_(0.01)     # out == bilinear(lr) + ~0.01
+    assert not module.warn_unstarted_reference(datamodule=datamodule)
+    assert not module.warn_unstarted_reference()           # no trainer, no data module: nothing checked
+
+
+@pytest.mark.unit
 def test_constant_classifier_is_warned_about(tmp_path: Path, photo_folder: Path) -> None:
     """The logits' std over training sub-images is what is checked; zeroed convs (routing by the biases alone,
     the same class for every patch) are reported, a patch-dependent classifier is not."""

@@ -181,6 +181,7 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
             if self.reference_checkpoint:  # the loaded -O model itself, whatever the reference phase did
                 load_reference_weights(self.network, self.reference_checkpoint)
             self._export("reference", self.num_classes - 1)
+            self.warn_unstarted_reference()
             self.compute_split(self._datamodule())
             if not self.wide_from_reference:
                 self.network.branches[-1].load_state_dict(self._initial_wide)

@@ -287,6 +287,14 @@ class SplitMixin:
         return spread
 
     @torch.no_grad()
+    def _interpolation_distance(self, network: nn.Module, lr: Tensor) -> float:
+        """Mean |Δ| (pixel range 1) of ``network``'s output from plain bilinear or bicubic upsampling of ``lr``."""
+        was_training = network.training
+        sr = network.eval()(lr * self.pixel_range) / self.pixel_range
+        network.train(was_training)
+        return min(float((sr - F.interpolate(lr, scale_factor=self.scale, mode=mode, align_corners=False)).abs().mean())
+                   for mode in ("bilinear", "bicubic"))
+
     def warn_unstarted_branches(self, threshold: float = 1e-3, count: int = 8, datamodule: Any = None) -> list[int]:
         """Warns about (and returns) the branches whose output on the first ``count`` training sub-images is
         within ``threshold`` (mean |Δ|, pixel range 1) of plain bilinear or bicubic upsampling. Such a branch
@@ -298,12 +306,7 @@ class SplitMixin:
             return []
         unstarted = []
         for index, branch in enumerate(self.network.branches):
-            was_training = branch.training
-            sr = branch.eval()(lr * self.pixel_range) / self.pixel_range
-            branch.train(was_training)
-            distance = min(float((sr - F.interpolate(lr, scale_factor=self.scale, mode=mode,
-                                                     align_corners=False)).abs().mean())
-                           for mode in ("bilinear", "bicubic"))
+            distance = self._interpolation_distance(branch, lr)
             if distance < threshold:
                 unstarted.append(index)
                 rank_zero_warn(
@@ -313,3 +316,20 @@ class SplitMixin:
                     "when its residual starts (e.g. a longer `branches` phase with `all_classes: true` first; "
                     "docs/classsr.md, 'Small-scale reproduction')")
         return unstarted
+
+    def warn_unstarted_reference(self, threshold: float = 1e-3, count: int = 8, datamodule: Any = None) -> bool:
+        """The same check for the reference (the wide branch when the split starts, the -O model): within
+        ``threshold`` of interpolation it scores the split like an upsampler and is no baseline. Returns whether it
+        warned (no trainer and no ``datamodule``: nothing checked, False)."""
+        lr = self._first_subimages(count, datamodule)
+        if lr is None:
+            return False
+        distance = self._interpolation_distance(self.network.branches[-1], lr)
+        if distance >= threshold:
+            return False
+        rank_zero_warn(
+            f"[effsr] ClassSR: the reference (-O model) has not started learning: its output is {distance:.1e} "
+            f"(mean |Δ|) from plain interpolation on {len(lr)} training sub-images (< {threshold:g}); the split "
+            "scores sub-images by an upsampler's PSNR and -O is no baseline. Train the `reference` phase longer, "
+            "with the lr still high when its residual starts (docs/classsr.md, 'Small-scale reproduction')")
+        return True
