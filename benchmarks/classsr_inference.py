@@ -45,7 +45,7 @@ from torch import Tensor
 
 from effsr.cost import count_macs
 from effsr.data.sample import sample_photograph
-from effsr.inference.tiling import grid_patches, routed_forward, tile_grid
+from effsr.inference.tiling import grid_patches, route_batch_size, routed_forward, tile_grid
 from effsr.methods.classsr import ClassSRModule, ClassSRNet
 from effsr.ops.imresize import bicubic_degrade, imresize_uint8
 
@@ -126,7 +126,11 @@ def main() -> None:
                         help="also time routed and wide without the deploy form (routed_plain, wide_plain)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--route-batch", type=int, default=None,
-                        help="patches per branch call in routed and wide (default: ClassSRModule's route_batch_size)")
+                        help="patches per branch call in routed and wide (default: ClassSRModule's route_batch_size, "
+                             "i.e. effsr.inference.tiling.route_batch_size of the device: 4 on CPU)")
+    parser.add_argument("--batch-too", type=int, default=None, metavar="N",
+                        help="also time routed and wide at N patches per call in the same repeats (routed_bN, "
+                             "wide_bN), e.g. 64, the default before the cache-sized CPU batch")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: time.perf_counter; cpu: time.process_time (CPU seconds of this process, all "
                              "threads: less sensitive to other jobs on a shared machine)")
@@ -143,6 +147,7 @@ def main() -> None:
     module = ClassSRModule(network).eval()
     if args.route_batch is not None:
         module.route_batch_size = args.route_batch
+    batch = module.route_batch_size or route_batch_size(torch.device("cpu"))
     wide_module = ClassSRModule(network, force_branch=network.num_classes - 1).eval()
     lr, hr_size = make_image(args.photo)
     shares = balance_classifier(module, lr)
@@ -151,10 +156,10 @@ def main() -> None:
     def routed() -> Tensor:
         return module.route(lr).sr
 
-    def tiled(networks: list[torch.nn.Module], policy: Callable[[Tensor], Tensor], deploy: bool) -> Tensor:
+    def tiled(networks: list[torch.nn.Module], policy: Callable[[Tensor], Tensor], deploy: bool,
+              batch_size: int = batch) -> Tensor:
         return routed_forward(lr, networks, 4, policy, patch_size=module.patch_size,
-                              overlap=module.patch_size - module.stride, batch_size=module.route_batch_size,
-                              deploy=deploy).sr
+                              overlap=module.patch_size - module.stride, batch_size=batch_size, deploy=deploy).sr
 
     def all_wide(patches: Tensor) -> Tensor:
         return torch.zeros(len(patches), dtype=torch.long)
@@ -172,6 +177,10 @@ def main() -> None:
     if args.plain_too:
         variants["routed_plain"] = lambda: tiled(list(network.branches), module.policy, deploy=False)
         variants["wide_plain"] = lambda: tiled([wide], all_wide, deploy=False)
+    other = f"_b{args.batch_too}" if args.batch_too is not None else None
+    if other is not None:
+        variants["routed" + other] = lambda: tiled(list(network.branches), module.policy, True, args.batch_too)
+        variants["wide" + other] = lambda: tiled([wide], all_wide, True, args.batch_too)
     if args.whole_image:
         variants["wide_whole_image"] = wide_whole
     names = list(variants)
@@ -187,6 +196,8 @@ def main() -> None:
         routed_macs = sum(n * m for n, m in zip(counts, branch_macs, strict=True)) + len(choices) * classifier_macs
         macs = {"routed": routed_macs, "wide": len(choices) * branch_macs[-1], "per_patch": routed_macs,
                 "routed_plain": routed_macs, "wide_plain": len(choices) * branch_macs[-1]}
+        if other is not None:
+            macs["routed" + other], macs["wide" + other] = macs["routed"], macs["wide"]
         if args.whole_image:
             macs["wide_whole_image"] = count_macs(copy.deepcopy(wide).to("meta"), lr.to("meta"))
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -195,8 +206,11 @@ def main() -> None:
     with torch.no_grad():
         for repeat in range(args.repeats):
             pair = ["routed", "wide"] if repeat % 2 == 0 else ["wide", "routed"]
+            base = list(pair)
             if args.plain_too:
-                pair += [name + "_plain" for name in pair]
+                pair += [name + "_plain" for name in base]
+            if other is not None:
+                pair += [name + other for name in base]
             order = pair + [name for name in names if name not in pair]
             for name in order:
                 if name == "per_patch" and repeat >= args.per_patch_repeats:
@@ -219,7 +233,7 @@ def main() -> None:
     print(f"backbone {args.backbone} {extra} widths {widths}, channels_last={args.channels_last}; random fixed "
           f"weights (seed 0), classifier last layer set for 1/3 per branch: proportions "
           f"{[round(float(s), 3) for s in shares]}; threads {torch.get_num_threads()}; "
-          f"{args.repeats} interleaved repeats, medians; {args.clock} clock; route batch {module.route_batch_size}")
+          f"{args.repeats} interleaved repeats, medians; {args.clock} clock; route batch {batch}")
     print(f"routed == per-patch loop: max |diff| {difference:.2e}; force_branch=2 == wide tiled (96x96 crop): "
           f"{forced:.2e}; MACs per patch counted by FlopCounterMode; routed includes the classifier")
     if deploy_difference is not None:
@@ -235,6 +249,14 @@ def main() -> None:
         print(f"plain branches (no deploy form): speedup_vs_wide={plain:.2f} realised={plain / macs_ratio:.2f}; "
               f"deploy form speeds routed x{gains['routed']:.2f}, wide x{gains['wide']:.2f} (medians of "
               f"per-repeat ratios)")
+    if other is not None:
+        at_other = statistics.median(w / r for w, r in zip(times["wide" + other], times["routed" + other],
+                                                           strict=True))
+        gains = {name: statistics.median(o / d for o, d in zip(times[name + other], times[name], strict=True))
+                 for name in ("routed", "wide")}
+        print(f"at {args.batch_too} patches per call: speedup_vs_wide={at_other:.2f} realised="
+              f"{at_other / macs_ratio:.2f}; {batch} per call speeds routed x{gains['routed']:.2f}, wide "
+              f"x{gains['wide']:.2f} (medians of per-repeat ratios)")
     per_repeat = [w / r for w, r in zip(times["wide"], times["routed"], strict=True)]
     paired = statistics.median(per_repeat)
     print(f"speedup vs wide: ratio of medians {median['wide'] / median['routed']:.2f}, median of per-repeat "

@@ -458,6 +458,8 @@ def test_profile_headline_is_the_routed_cost_at_the_class_proportions() -> None:
     assert forced["macs_720p"] == forced["macs_720p_wide"] and forced["macs_720p_percent_of_wide"] == 100.0
     with pytest.raises(ConfigError, match="cost_proportions"):
         ClassSRModule(network=network, cost_proportions=[1, 1])
+    with pytest.raises(ConfigError, match="route_batch_size"):
+        ClassSRModule(network=network, route_batch_size=0)
 
 
 @pytest.mark.unit

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from effsr.inference import route_overlay, routed_forward, tile_grid, tiled_forward
+from effsr.inference import route_batch_size, route_overlay, routed_forward, tile_grid, tiled_forward
 from effsr.inference.deploy import FusedConvActivation, deployed, fuse_conv_activations
 
 pytestmark = pytest.mark.unit
@@ -180,3 +180,37 @@ def test_routed_deploy_form_equals_plain_routing() -> None:
     assert all(len(_fused_convs(deployed(network))) == 1 for network in networks)
     assert torch.equal(fused.route_map, plain.route_map)
     assert (fused.sr - plain.sr).abs().max() <= 1e-6
+
+
+class BatchRecorder(nn.Module):
+    """Records the number of tiles in every call."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network, self.sizes = network, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        return self.network(x)
+
+
+def test_route_batch_defaults_to_a_cache_sized_cpu_batch_and_does_not_change_the_output() -> None:
+    assert route_batch_size(torch.device("cpu")) == 4
+    assert route_batch_size(torch.device("cuda")) == 64  # a device object: no GPU needed
+    lr = torch.rand(1, 3, 45, 61)
+    recorder = BatchRecorder(TwoConvSR().eval())
+    policy_sizes: list[int] = []
+
+    def everything_to_zero(patches: torch.Tensor) -> torch.Tensor:
+        policy_sizes.append(patches.shape[0])
+        return torch.zeros(patches.shape[0], dtype=torch.long)
+
+    default = routed_forward(lr, [recorder], scale=2, policy=everything_to_zero, patch_size=16, overlap=4)
+    assert max(recorder.sizes) == max(policy_sizes) == 4 and sum(recorder.sizes) == len(default.corners)
+    recorder.sizes.clear()
+    large = routed_forward(lr, [recorder], scale=2, policy=everything_to_zero, patch_size=16, overlap=4,
+                           batch_size=64)
+    assert recorder.sizes == [len(default.corners)]
+    assert (default.sr - large.sr).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="batch_size"):
+        routed_forward(lr, [recorder], scale=2, policy=everything_to_zero, batch_size=0)

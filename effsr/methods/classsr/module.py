@@ -57,7 +57,8 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         loss_weights: (w1, w2, w3) of L1 (on [0, 1] whatever the pixel range), L_class and normalised L_avg.
         patch_size: LR patch side of routed inference (paper 32).
         stride: LR stride between patches (paper 28, i.e. overlap 4); the grid covers the whole image.
-        route_batch_size: patches per branch call in routed inference.
+        route_batch_size: patches per branch call in routed inference; None: 4 on CPU (cache-sized, faster than
+            64 at every width), 64 on a GPU (:func:`effsr.inference.tiling.route_batch_size`).
         force_branch: route every patch through this branch (the "-O" baselines and ablations).
         reference_checkpoint: the "-O" model to start from instead of training it (a checkpoint of the backbone
             at the wide width, ``network.*`` keys, e.g. ``<run>/reference/reference.ckpt``, a ClassSR checkpoint,
@@ -83,7 +84,8 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
     """
 
     def __init__(self, network: ClassSRNet, *args: Any, loss_weights: tuple[float, float, float] = (1000.0, 0.5, 3.0),
-                 patch_size: int = 32, stride: int = 28, route_batch_size: int = 64, force_branch: int | None = None,
+                 patch_size: int = 32, stride: int = 28, route_batch_size: int | None = None,
+                 force_branch: int | None = None,
                  reference_checkpoint: str | None = None, wide_from_reference: bool = False,
                  split_model: str | None = None, split_thresholds: list[float] | None = None,
                  export_backbones: bool = True,
@@ -96,6 +98,8 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
             raise ConfigError(f"ClassSR stride must be in 1..patch_size ({patch_size}), got {stride}")
         if force_branch is not None and not 0 <= force_branch < network.num_classes:
             raise ConfigError(f"force_branch must be in 0..{network.num_classes - 1}, got {force_branch}")
+        if route_batch_size is not None and route_batch_size < 1:
+            raise ConfigError(f"route_batch_size must be >= 1 or null (device default), got {route_batch_size}")
         if split_metric not in ("rgb", "y"):
             raise ConfigError(f"split_metric must be 'rgb' or 'y', got {split_metric!r}")
         if cost_proportions is not None:

@@ -134,7 +134,7 @@ class RoutedClassSR(nn.Module):
     one forward (routing depends on the image, the cost is defined at the class proportions).
     """
 
-    def __init__(self, network: ClassSRNet, patch_size: int = 32, stride: int = 28, batch_size: int = 64,
+    def __init__(self, network: ClassSRNet, patch_size: int = 32, stride: int = 28, batch_size: int | None = None,
                  force_branch: int | None = None, proportions: Sequence[float] | None = None,
                  proportions_source: str = "") -> None:
         super().__init__()
