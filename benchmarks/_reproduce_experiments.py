@@ -280,9 +280,10 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment(
             name="classsr_x4",
             scale=4,
-            summary=("ClassSR ×4, MSRResNet branches 16/24/32 (3 blocks): reference (-O, 600 steps) → split → narrow "
-                     "500 steps on all sub-images then 200 on the simple class, medium 600 from scratch on its class, "
-                     "wide = -O fine-tuned 150 steps on the hard class → classifier (800 steps, official w3 = 3, conv "
+            summary=("ClassSR ×4, MSRResNet branches 16/24/32 (3 blocks): reference (-O, 1500 steps) → split → "
+                     "narrow 500 steps on all sub-images then 1000 on the simple class, medium 1500 from scratch on "
+                     "its class, wide = -O fine-tuned 150 steps on the hard class → classifier (800 steps, official "
+                     "w3 = 3, conv "
                      "init ×1.0) with frozen branches; vs its -O model (the width-32 reference on all sub-images) "
                      "and each branch alone; class shares and FLOPs % of -O per set in the JSON."),
             models=(
