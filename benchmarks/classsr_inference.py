@@ -45,6 +45,7 @@ from torch import Tensor
 
 from effsr.cost import count_macs
 from effsr.data.sample import sample_photograph
+from effsr.inference.deploy import deployed
 from effsr.inference.tiling import grid_patches, route_batch_size, routed_forward, tile_grid
 from effsr.methods.classsr import ClassSRModule, ClassSRNet
 from effsr.ops.imresize import bicubic_degrade, imresize_uint8
@@ -91,6 +92,33 @@ def balance_classifier(module: ClassSRModule, lr: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def per_branch_rates(module: ClassSRModule, lr: Tensor, batches: list[int], repeats: int,
+                     clock: Callable[[], float]) -> None:
+    """Prints each branch's MAC rate (deploy form) on the image's first 64 patches run in calls of each batch size,
+    interleaved over ``repeats`` (medians): where the narrow branches lose throughput."""
+    corners = tile_grid(lr.shape[-2], lr.shape[-1], module.patch_size, module.stride)
+    rows, cols = sorted({y for y, _ in corners}), sorted({x for _, x in corners})
+    patches = grid_patches(lr, rows, cols, module.patch_size)[:64]
+    branches = [deployed(branch) for branch in module.network.branches]
+    macs = module.patch_macs()[0]
+    times: dict[tuple[int, int], list[float]] = {}
+    for branch in branches:
+        branch(patches[:2])
+    for repeat in range(repeats):
+        for batch in (batches if repeat % 2 == 0 else batches[::-1]):
+            for index, branch in enumerate(branches):
+                start = clock()
+                for first in range(0, len(patches), batch):
+                    branch(patches[first:first + batch])
+                times.setdefault((index, batch), []).append(clock() - start)
+    for batch in batches:
+        rates = [len(patches) * macs[index] / statistics.median(times[(index, batch)]) / 1e9
+                 for index in range(len(branches))]
+        print(f"calls of {batch:>3} patches: GMAC/s per branch " + " / ".join(f"{rate:.1f}" for rate in rates)
+              + "; rate vs the widest " + " / ".join(f"{rate / rates[-1]:.2f}" for rate in rates))
+
+
+@torch.no_grad()
 def per_patch_loop(module: ClassSRModule, lr: Tensor) -> Tensor:
     """The official code's test loop: every patch classified and super-resolved alone, then averaged."""
     size, stride, scale = module.patch_size, module.stride, module.scale
@@ -131,6 +159,8 @@ def main() -> None:
     parser.add_argument("--batch-too", type=int, default=None, metavar="N",
                         help="also time routed and wide at N patches per call in the same repeats (routed_bN, "
                              "wide_bN), e.g. 64, the default before the cache-sized CPU batch")
+    parser.add_argument("--per-branch", default=None, metavar="B1,B2,...",
+                        help="only print each branch's MAC rate in calls of these batch sizes (e.g. 1,4,8,64) and exit")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: time.perf_counter; cpu: time.process_time (CPU seconds of this process, all "
                              "threads: less sensitive to other jobs on a shared machine)")
@@ -151,6 +181,12 @@ def main() -> None:
     wide_module = ClassSRModule(network, force_branch=network.num_classes - 1).eval()
     lr, hr_size = make_image(args.photo)
     shares = balance_classifier(module, lr)
+    if args.per_branch is not None:
+        print(f"backbone {args.backbone} {extra} widths {widths}, channels_last={args.channels_last}; threads "
+              f"{torch.get_num_threads()}; {args.repeats} interleaved repeats, medians; {args.clock} clock")
+        per_branch_rates(module, lr, [int(item) for item in args.per_branch.split(",")], args.repeats,
+                         time.process_time if args.clock == "cpu" else time.perf_counter)
+        return
     wide = network.branches[-1]
 
     def routed() -> Tensor:
