@@ -82,6 +82,43 @@ def reading(claim: tuple[str, str], summary: dict[str, dict[str, Any]]) -> list[
     return sentences
 
 
+# a seed counts as an outlier when it sits this far from its other seeds' mean: more than OUTLIER_SDS of their sd
+# and more than OUTLIER_MIN_DB (a 0.02 dB sd among three seeds must not flag a 0.05 dB seed)
+OUTLIER_SDS = 4.0
+OUTLIER_MIN_DB = 0.1
+
+
+def _by_seed(models: list[dict[str, Any]], name: str, set_name: str) -> dict[int, float]:
+    return {entry["seed"]: entry["sets"][set_name]["psnr_y"] for entry in models
+            if entry["name"] == name and entry["seed"] is not None and set_name in entry["sets"]}
+
+
+def seed_checks(claim: tuple[str, str], models: list[dict[str, Any]]) -> list[str]:
+    """Per-seed sentences the means hide: the method − baseline gap of each seed against the same seed of the
+    baseline (when both are seeded), and any seed of either model that is an outlier among its own seeds (e.g. an
+    undertrained baseline seed, which makes the method look better on the mean)."""
+    sentences = []
+    sets = next((list(entry["sets"]) for entry in models if entry["name"] == claim[0]), [])
+    for set_name in sets:
+        method, baseline = (_by_seed(models, name, set_name) for name in claim)
+        paired = sorted(set(method) & set(baseline))
+        if len(paired) >= 2:
+            gaps = ", ".join(f"s{seed} {method[seed] - baseline[seed]:+.3f}" for seed in paired)
+            sentences.append(f"{set_name}: {claim[0]} − {claim[1]} per seed (same seed of both) {gaps} dB.")
+        for name, values in zip(claim, (method, baseline), strict=True):
+            if len(values) < 3:
+                continue
+            for seed, value in values.items():
+                others = [other for key, other in values.items() if key != seed]
+                centre, spread = statistics.mean(others), statistics.stdev(others)
+                if abs(value - centre) > max(OUTLIER_SDS * spread, OUTLIER_MIN_DB):
+                    sentences.append(
+                        f"{set_name}: {name} seed {seed} is {abs(value - centre):.2f} dB "
+                        f"{'below' if value < centre else 'above'} its other seeds' mean ({centre:.2f} dB): check "
+                        f"that run before reading the means (an undertrained seed moves the mean and the spread).")
+    return sentences
+
+
 def update_docs(docs: Path, name: str, section: str) -> None:
     """Replaces the experiment's section of ``docs`` (between its markers), appending it when absent."""
     begin, end = f"<!-- reproduce:{name} begin -->", f"<!-- reproduce:{name} end -->"

@@ -212,6 +212,27 @@ def test_reproduce_summary_reports_mean_sd_and_whether_the_gap_exceeds_the_sprea
 
 
 @pytest.mark.unit
+def test_reproduce_seed_checks_pair_the_seeds_and_flag_an_outlier_seed() -> None:
+    report = _load_harness("_reproduce_report")
+
+    def entry(name: str, seed: int, value: float) -> dict:
+        return {"name": name, "seed": seed, "sets": {"S": {"psnr_y": value}}}
+
+    # the baseline's seed 1 is undertrained: the method's mean looks 0.2 dB better than it is
+    models = [entry("m", 0, 29.90), entry("m", 1, 29.92), entry("m", 2, 29.91),
+              entry("b", 0, 29.95), entry("b", 1, 29.30), entry("b", 2, 29.96)]
+    sentences = report.seed_checks(("m", "b"), models)
+    assert sentences[0] == "S: m − b per seed (same seed of both) s0 -0.050, s1 +0.620, s2 -0.050 dB."
+    assert len(sentences) == 2
+    assert sentences[1].startswith("S: b seed 1 is 0.65 dB below its other seeds' mean (29.95 dB)")
+    # ordinary spread is not an outlier; with two seeds none can be singled out
+    steady = [entry("m", seed, 29.9 + 0.03 * seed) for seed in range(3)] + [entry("b", 0, 29.0), entry("b", 1, 29.8)]
+    assert report.seed_checks(("m", "b"), steady) == ["S: m − b per seed (same seed of both) s0 +0.900, s1 +0.130 dB."]
+    # an unseeded baseline (bicubic): nothing to pair
+    assert report.seed_checks(("m", "b"), [entry("m", 0, 30.0), {"name": "b", "seed": None, "sets": {"S": {}}}]) == []
+
+
+@pytest.mark.unit
 def test_reproduce_cache_key_covers_a_configs_base_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     harness = _load_harness("reproduce")
     experiments = _load_harness("_reproduce_experiments")
