@@ -288,7 +288,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             summary="SMSR ×2 reduced as smsr_x2, twice as long (2000 steps; λ = 0.075 warmed up over 1000, τ 1 → 0.4 "
                     "over 600, lr halved every 400): (a) sparsity loss + τ schedule, (b) constant τ = 1, (c) all-dense "
                     "masks, no sparsity loss; (a) at λ = 0.1 as a variant.",
-            # + (a) at λ = 0.1: at 2000 steps λ = 0.075 saved 30–36 % of the MACs at ≤ 0.06 dB (seeds 0, 1): short of 35 %
+            # + (a) at λ = 0.1: at 2000 steps λ = 0.075 saved 30–36 % of the MACs at ≤ 0.06 dB (seeds 0, 1), < 35 %
             models=(*_smsr_models("experiments/small/smsr_x2_long.yaml"),
                     ModelDecl("smsr_lambda0.1", "variant", (FitStage("experiments/small/smsr_x2_long.yaml", (
                         "--model.init_args.sparsity_weight=0.1",)),), extra=smsr_masks)),
