@@ -1,9 +1,9 @@
-"""The ``effsr`` command: LightningCLI (fit/validate/test/predict) plus profile, convert, data and demo."""
+"""The ``effsr`` command: LightningCLI (fit/validate/test/predict) plus recipes, profile, compare, convert, data and
+demo (each in its own module)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import warnings
@@ -16,14 +16,17 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from effsr.checkpointing import EpochEndCheckpoint, use_atomic_checkpoints
 from effsr.cli_support import (
     BASE_KEY,
+    DESCRIPTION,
     PACKAGED_CONFIGS,
     apply_thread_count,
     check_checkpoint_paths,
-    experiment_dirs,
     option_error_message,
-    recipe_lines,
+    print_overview,
+    print_recipes,
     resolve_config_args,
 )
+from effsr.console import quiet_known_noise
+from effsr.convert import convert_main
 from effsr.errors import ConfigError, EffSRError
 from effsr.loggers import ensure_wandb_mode, finish_wandb_runs, log_config, prepare_loggers
 from effsr.phases import PhaseProgressBar
@@ -31,34 +34,6 @@ from effsr.phases import PhaseProgressBar
 PACKAGE_CONFIGS = PACKAGED_CONFIGS
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process killed by `kill <pid>`
-
-
-# ---------------------------------------------------------------------------- console output
-# Third-party messages that say nothing about an effsr run, dropped by exact message and module. Everything else
-# (effsr's [effsr] lines, Lightning's and W&B's other notices, every other warning) is printed as before.
-_NOISE_WARNINGS = (
-    # torch deprecated LeafSpec; Lightning's own pytree helper still builds one (nothing effsr can change)
-    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
-    # SRModule owns the uint8 -> float conversion on the device on purpose (it works with any loader, not only
-    # SRDataModule); Lightning merely reports which of the two hooks it calls
-    (UserWarning, r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a "
-                  r"`LightningDataModule`", r"lightning\.pytorch\.trainer\.connectors\.data_connector"),
-)
-_LIGHTNING_TIP = "💡 Tip: For seamless cloud"  # Lightning's ads for litlogger / litmodels
-
-
-class _DropLightningTips(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_LIGHTNING_TIP)
-
-
-def quiet_known_noise() -> None:
-    """Installs effsr's output filters (idempotent): the warnings of ``_NOISE_WARNINGS`` and Lightning's tips."""
-    for category, message, module in _NOISE_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    tips_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(item, _DropLightningTips) for item in tips_logger.filters):
-        tips_logger.addFilter(_DropLightningTips())
 
 
 class EffSRSaveConfig(SaveConfigCallback):
@@ -69,7 +44,6 @@ class EffSRSaveConfig(SaveConfigCallback):
         log_config(trainer.loggers, self.parser.dump(self.config, skip_none=False))
 
 
-# ---------------------------------------------------------------------------- LightningCLI
 # Keys a run's config.yaml holds for its subcommand (Trainer.fit/validate/test/predict arguments): a CLI built without
 # subcommands (`effsr profile`, load_module_from_config) accepts them so that it reads that file as it is.
 _RUN_CONFIG_KEYS: dict[str, Any] = {"ckpt_path": str | None, "weights_only": bool | None, "verbose": bool | None,
@@ -117,7 +91,7 @@ class EffSRCLI(LightningCLI):
                 "default_root_dir": "runs",
                 "callbacks": [EpochEndCheckpoint(save_last=True), PhaseProgressBar()],
             },
-            parser_kwargs={"description": _DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter},
+            parser_kwargs={"description": DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter},
             args=args,
             run=run,
             # Lightning's support dumps the whole config once more before the model is built, for
@@ -257,43 +231,6 @@ class EffSRCLI(LightningCLI):
             self.trainer.callbacks.append(SRImageWriter(output_dir))
 
 
-_DESCRIPTION = """effsr: efficient image super-resolution (ASSL, SLS N:M sparsity, SMSR, ClassSR) on PyTorch Lightning.
-
-Train / evaluate:   effsr fit --config experiments/smsr_x4.yaml
-                    effsr test --config experiments/smsr_x4.yaml --ckpt_path runs/.../last.ckpt
-Resume a run:       effsr fit --config X.yaml --ckpt_path last
-Multi-GPU:          effsr fit --config X.yaml --config experiments/trainer/ddp.yaml
-Recipes:            effsr recipes   (experiments/<recipe>_x<scale>.yaml; --print_config shows one resolved)
-Other commands:     effsr profile | compare | convert | data | demo   (each with --help)
-"""
-
-
-# ---------------------------------------------------------------------------- experiments listing
-def print_recipes(others: bool = False) -> None:
-    """One line per recipe (``effsr recipes``): its name, scales and what it is, for each experiments folder;
-    ``others``: also a line per sub-folder of further configs (tiny/, small/, trainer/)."""
-    for folder in experiment_dirs():
-        lines = recipe_lines(folder)
-        composed = (folder / "recipes").is_dir()
-        print(f"Recipes in {folder} (effsr fit --config <recipe>_x<scale>):" if composed else f"Configs in {folder}:")
-        print("\n".join(f"  {line}" for line in lines))
-        subfolders = sorted(item for item in folder.iterdir() if item.is_dir() and item.name != "recipes")
-        for sub in subfolders if others else []:
-            names = sorted(path.relative_to(sub).with_suffix("").as_posix() for path in sub.rglob("*.yaml"))
-            if names:
-                print(f"  {sub.name}/: {' '.join(names)}")
-
-
-def print_overview() -> None:
-    """``effsr`` without arguments: the usage, the recipes and the other packaged configs."""
-    print(_DESCRIPTION)
-    print_recipes(others=True)
-    print("\nA packaged config can be given by name from any folder: effsr fit --config smsr_x4 "
-          "(or tiny/smsr_x2, trainer/ddp).\nA per-scale file names its recipe (`base: recipes/<recipe>.yaml`); "
-          "--print_config shows the whole resolved config.\nSee `effsr fit --help` for every option.")
-
-
-# ---------------------------------------------------------------------------- models from configs / convert
 def load_module_from_config(config_args: list[str], ckpt_path: str | None) -> Any:
     """Instantiates the model of an experiment config or of a run's own ``config.yaml``, and loads its checkpoint
     through the safe loader (:func:`effsr.weights.read_checkpoint`), structure first."""
@@ -310,22 +247,6 @@ def load_module_from_config(config_args: list[str], ckpt_path: str | None) -> An
     return model.eval()
 
 
-def convert_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="effsr convert",
-                                     description="Convert an official checkpoint into an effsr checkpoint.")
-    parser.add_argument("--method", choices=["smsr"], required=True)
-    parser.add_argument("--scale", type=int, required=True, choices=[2, 3, 4])
-    parser.add_argument("source", help="official checkpoint (a state_dict; loaded with weights_only=True)")
-    parser.add_argument("target", help="effsr checkpoint to write (use with `effsr test --ckpt_path`)")
-    args = parser.parse_args(argv)
-    from effsr.methods.smsr import convert_official_checkpoint
-
-    convert_official_checkpoint(args.source, args.target, args.scale)
-    print(f"wrote {args.target}")
-    return 0
-
-
-# ---------------------------------------------------------------------------- entry point
 def main(args: list[str] | None = None) -> int:
     """Entry point of the ``effsr`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
@@ -360,6 +281,9 @@ def main(args: list[str] | None = None) -> int:
     except EffSRError as error:
         print(f"effsr: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `effsr recipes | head`: the reader left; no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except SIGTERMException:  # Lightning stops the loops on SIGTERM with a SystemExit that would exit 0
         print("effsr: stopped by SIGTERM; the last checkpoint (last.ckpt) resumes with --ckpt_path last",
               file=sys.stderr)

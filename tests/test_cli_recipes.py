@@ -4,6 +4,8 @@ where the configs leave them unset, ``effsr recipes``, and a composed run's save
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,15 @@ def test_recipes_lists_one_line_per_recipe(capsys: pytest.CaptureFixture[str]) -
     assert expected == listed[:len(expected)] and len(expected) >= 15
     smsr = next(line for line in lines if line.split()[:1] == ["smsr"])
     assert smsr.split()[1:4] == ["x2", "x3", "x4"] and "SMSR" in smsr
+
+
+@pytest.mark.e2e
+def test_recipes_into_a_closed_pipe_exits_quietly() -> None:
+    """`effsr recipes | head -1`: the reader is gone before effsr writes; no BrokenPipeError traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "effsr.cli", "recipes"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the interpreter has even imported effsr
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr

@@ -1,6 +1,6 @@
 """What the ``effsr`` command does around LightningCLI: packaged experiment configs (listing, bare names),
-composed recipes (a config's ``base:``, run names derived from recipe and scale), readable option errors, early
-checks of the checkpoint files a config names, and the CPU thread count.
+composed recipes (a config's ``base:``, run names derived from recipe and scale), the overview ``effsr`` prints,
+readable option errors, early checks of the checkpoint files a config names, and the CPU thread count.
 
 Nothing here builds a model or a trainer, so these pieces are cheap to call before LightningCLI runs.
 """
@@ -23,10 +23,12 @@ from effsr.cli_support.configs import (
     run_name_args,
 )
 from effsr.cli_support.option_errors import accepted_parameters, import_class, option_error_message
+from effsr.cli_support.overview import DESCRIPTION, print_overview, print_recipes
 from effsr.cli_support.threads import apply_thread_count
 
 __all__ = [
     "BASE_KEY",
+    "DESCRIPTION",
     "PACKAGED_CONFIGS",
     "PACKAGED_EXPERIMENTS",
     "PACKAGE_DIR",
@@ -40,6 +42,8 @@ __all__ = [
     "member_training_command",
     "option_error_message",
     "packaged_config_names",
+    "print_overview",
+    "print_recipes",
     "read_config_file",
     "recipe_lines",
     "recipe_name",
