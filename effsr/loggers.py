@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------------- W&B mode
 def _has_wandb_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -111,7 +110,6 @@ def finish_wandb_runs() -> None:
         wandb.finish()
 
 
-# ---------------------------------------------------------------------------- logging through Lightning loggers
 def log_config(loggers: Iterable[Logger], config_text: str) -> None:
     """Attaches the resolved config (YAML text) to every logger's run as ``effsr_config``; W&B also gets it as
     the file ``effsr_config.yaml`` of the run."""
@@ -155,7 +153,6 @@ def log_bar_chart(loggers: Iterable[Logger], key: str, bars: Mapping[str, float]
                                    "trainer/global_step": step})
 
 
-# ---------------------------------------------------------------------------- standalone W&B runs
 @dataclass(frozen=True)
 class GroupScatter:
     """One scatter of ``y`` against ``x`` per distinct value of column ``group``; ``key``/``title`` are
