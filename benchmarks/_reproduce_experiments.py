@@ -196,6 +196,18 @@ def _smsr_models(config: str, recipe: tuple[str, ...] = ()) -> tuple[ModelDecl, 
         ModelDecl("dense", "baseline", (FitStage(config, ("--model.init_args.dense_masks=true",)),),
                   extra=training_record),
     )
+
+
+def _classsr_models(config: str) -> tuple[ModelDecl, ...]:
+    """ClassSR trained on ``config``, its -O model (the reference phase's checkpoint) and each branch alone."""
+    return (
+        ModelDecl("classsr", "method", (FitStage(config),), extra=classsr_record),
+        ModelDecl("-O", "baseline", from_run=("classsr", "reference/reference.ckpt")),
+        *(ModelDecl(f"branch_{k}", "variant", from_run=("classsr", f"branch_{k}/branch_{k}.ckpt"))
+          for k in range(3)),
+    )
+
+
 _NM_DENSE = FitStage("experiments/small/nm_x4_dense.yaml", shared=True)
 
 
@@ -303,12 +315,16 @@ EXPERIMENTS: dict[str, Experiment] = {
                      "w3 = 3, conv "
                      "init ×1.0) with frozen branches; vs its -O model (the width-32 reference on all sub-images) "
                      "and each branch alone; class shares and FLOPs % of -O per set in the JSON."),
-            models=(
-                ModelDecl("classsr", "method", (FitStage(_CLASSSR_SMALL),), extra=classsr_record),
-                ModelDecl("-O", "baseline", from_run=("classsr", "reference/reference.ckpt")),
-                *(ModelDecl(f"branch_{k}", "variant", from_run=("classsr", f"branch_{k}/branch_{k}.ckpt"))
-                  for k in range(3)),
-            ),
+            models=_classsr_models(_CLASSSR_SMALL),
+            claim=("classsr", "-O"),
+        ),
+        Experiment(
+            name="classsr_x4_longcls",
+            scale=4,
+            summary=("ClassSR ×4 as classsr_x4 (same phases up to the classifier, so the same -O and branches for a "
+                     "seed on one CPU) with the classifier trained 3200 steps instead of 800: is the routed model's "
+                     "loss against -O the classifier's training length?"),
+            models=_classsr_models("experiments/small/classsr_x4_longcls.yaml"),
             claim=("classsr", "-O"),
         ),
         Experiment(
