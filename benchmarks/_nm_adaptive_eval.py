@@ -4,14 +4,14 @@ replayed from those outputs (:class:`Replay`), the curves per set and their prin
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from _nm_adaptive_members import SCALE, Pair, random_crops
-from torch import Tensor, nn
+from _routing_replay import Recorder, Replay, SequencePolicy, constant_policy
+from torch import Tensor
 
 from effsr.inference.tiling import routed_forward, tile_grid
 from effsr.methods.nm_adaptive import NMEnsemble, patch_mse, rank_correlation
@@ -50,44 +50,6 @@ def train_estimators(ensemble: NMEnsemble, lr: Tensor, mse: Tensor, epochs: int,
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-class SequencePolicy:
-    """Returns precomputed choices in the order routed_forward asks for them."""
-
-    def __init__(self, choices: Tensor) -> None:
-        self.choices, self.cursor = choices, 0
-
-    def __call__(self, patches: Tensor) -> Tensor:
-        chosen = self.choices[self.cursor:self.cursor + patches.shape[0]]
-        self.cursor += patches.shape[0]
-        return chosen
-
-
-class Recorder:
-    """A member as routed_forward calls it, keeping the tiles it got and what it returned (in call order)."""
-
-    def __init__(self, network: nn.Module) -> None:
-        self.network, self.tiles, self.outputs = network, [], []
-
-    def __call__(self, patches: Tensor) -> Tensor:
-        output = self.network(patches)
-        self.tiles.append(patches)
-        self.outputs.append(output)
-        return output
-
-
-class Replay:
-    """Member ``index`` replayed from its recorded outputs of every tile: returns those of the tiles ``choices``
-    routes to it, in the order routed_forward asks for them (ascending tile index, in batches)."""
-
-    def __init__(self, outputs: Tensor, choices: Tensor, index: int) -> None:
-        self.outputs, self.order, self.cursor = outputs, torch.nonzero(choices == index).flatten(), 0
-
-    def __call__(self, patches: Tensor) -> Tensor:
-        chosen = self.order[self.cursor:self.cursor + patches.shape[0]]
-        self.cursor += patches.shape[0]
-        return self.outputs[chosen]
-
-
 @dataclass
 class TiledImage:
     """One held-out image cut into the ensemble's routing tiles, with every member's output on every tile."""
@@ -163,10 +125,6 @@ def estimator_quality(estimated: Tensor, actual: Tensor, reference: int,
 def line_at(singles: list[dict[str, Any]], gmacs: float) -> float:
     points = sorted((row["gmacs_720p"], row["psnr_y"]) for row in singles)
     return float(np.interp(gmacs, [p[0] for p in points], [p[1] for p in points]))
-
-
-def constant_policy(index: int) -> Callable[[Tensor], Tensor]:
-    return lambda patches: torch.full((patches.shape[0],), index, dtype=torch.long)
 
 
 def set_curves(ensemble: NMEnsemble, images: list[TiledImage], penalties: list[float], tile_macs: list[int],
