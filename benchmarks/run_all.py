@@ -21,6 +21,9 @@ def main() -> int:
         if script.name == "compare_methods.py":  # a report over the harness's cached runs (docs/comparison.md)
             print(f"== {script.name}: skipped (needs reproduce.py runs; see docs/comparison.md)")
             continue
+        if script.name == "classsr_routing.py":  # a study of a trained ClassSR run (docs/reproduction.md)
+            print(f"== {script.name}: skipped (needs a trained ClassSR run: --ckpt_path RUN/checkpoints/last.ckpt)")
+            continue
         if script.name == "bicubic_baseline.py":
             if not SHARED.is_dir():
                 print(f"== {script.name}: skipped (needs HR folders, e.g. --hr-dir Set5 Set14)")
