@@ -119,6 +119,50 @@ def seed_checks(claim: tuple[str, str], models: list[dict[str, Any]]) -> list[st
     return sentences
 
 
+def _point(entry: dict[str, Any], set_name: str) -> tuple[float, float]:
+    """(PSNR-Y, MACs@720p) of one model entry on one set (the set's own MACs when measured per set)."""
+    row = entry["sets"][set_name]
+    return float(row["psnr_y"]), float(entry["macs_720p"] if row.get("macs_720p") is None else row["macs_720p"])
+
+
+def claim_checks(claim: tuple[str, str], bound: Any, models: list[dict[str, Any]]) -> list[str]:
+    """Per set: whether the seed means and each seed (against the same seed of the baseline, or the unseeded
+    baseline) meet ``bound`` (a ClaimBound: PSNR-Y at most ``max_drop_db`` below the baseline, MACs at most
+    ``max_macs_ratio`` of it); then what the bound leaves to be read by hand."""
+    if bound is None:
+        return []
+    method, baseline = claim
+    limits = f"at most {bound.max_drop_db:g} dB below {baseline}" + (
+        f" at ≤ {100 * bound.max_macs_ratio:g} % of its MACs" if bound.max_macs_ratio is not None else "")
+
+    def meets(point: tuple[float, float], other: tuple[float, float]) -> bool:
+        gap, ratio = point[0] - other[0], point[1] / other[1]
+        return gap >= -bound.max_drop_db and (bound.max_macs_ratio is None or ratio <= bound.max_macs_ratio)
+
+    sentences = []
+    sets = next((list(entry["sets"]) for entry in models if entry["name"] == method), [])
+    for set_name in sets:
+        points = {name: {entry["seed"]: _point(entry, set_name) for entry in models
+                         if entry["name"] == name and set_name in entry["sets"]} for name in claim}
+        if not points[method] or not points[baseline]:
+            continue
+        means = {name: (statistics.mean(p[0] for p in values.values()), statistics.mean(p[1] for p in values.values()))
+                 for name, values in points.items()}
+        gap, ratio = means[method][0] - means[baseline][0], means[method][1] / means[baseline][1]
+        text = (f"Claim on {set_name} ({method} {limits}): seed means {gap:+.3f} dB at {100 * ratio:.1f} % of the "
+                f"MACs, {'met' if meets(means[method], means[baseline]) else 'not met'}")
+        pairs = {seed: (point, points[baseline].get(None, points[baseline].get(seed)))
+                 for seed, point in points[method].items() if seed is not None}
+        pairs = {seed: pair for seed, pair in sorted(pairs.items()) if pair[1] is not None}
+        if len(pairs) >= 2:
+            met = [f"s{seed}" for seed, (point, other) in pairs.items() if meets(point, other)]
+            text += f"; per seed met by {len(met)} of {len(pairs)}" + (f" ({', '.join(met)})" if met else "")
+        sentences.append(text + ".")
+    if sentences and bound.unchecked:
+        sentences.append(f"Not checked here: {bound.unchecked}.")
+    return sentences
+
+
 def update_docs(docs: Path, name: str, section: str) -> None:
     """Replaces the experiment's section of ``docs`` (between its markers), appending it when absent."""
     begin, end = f"<!-- reproduce:{name} begin -->", f"<!-- reproduce:{name} end -->"

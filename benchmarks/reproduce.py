@@ -36,7 +36,14 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from _reproduce_experiments import EXPERIMENTS, Experiment, ExtraContext, ModelDecl  # noqa: E402
-from _reproduce_report import aggregate, format_markdown_table, reading, seed_checks, update_docs  # noqa: E402
+from _reproduce_report import (  # noqa: E402
+    aggregate,
+    claim_checks,
+    format_markdown_table,
+    reading,
+    seed_checks,
+    update_docs,
+)
 
 from effsr.cli_support import config_chain  # noqa: E402
 
@@ -185,7 +192,8 @@ def run_experiment(experiment: Experiment, args: argparse.Namespace, command: st
             "extra": extra, "checkpoint": str(item["checkpoint"]) if item["checkpoint"] else None,
         })
     summary = aggregate(models)
-    sentences = [*reading(experiment.claim, summary), *seed_checks(experiment.claim, models)]
+    sentences = [*reading(experiment.claim, summary), *seed_checks(experiment.claim, models),
+                 *claim_checks(experiment.claim, experiment.bound, models)]
     end = time.perf_counter()
     result = {
         "experiment": experiment.name, "command": command, "train": args.train, "test": args.test,

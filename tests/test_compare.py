@@ -176,6 +176,7 @@ def _load_harness(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         spec.loader.exec_module(module)
@@ -230,6 +231,31 @@ def test_reproduce_seed_checks_pair_the_seeds_and_flag_an_outlier_seed() -> None
     assert report.seed_checks(("m", "b"), steady) == ["S: m − b per seed (same seed of both) s0 +0.900, s1 +0.130 dB."]
     # an unseeded baseline (bicubic): nothing to pair
     assert report.seed_checks(("m", "b"), [entry("m", 0, 30.0), {"name": "b", "seed": None, "sets": {"S": {}}}]) == []
+
+
+@pytest.mark.unit
+def test_reproduce_claim_checks_read_the_bound_on_means_and_per_seed() -> None:
+    report, experiments = _load_harness("_reproduce_report"), _load_harness("_reproduce_experiments")
+
+    def entry(name: str, seed: int | None, value: float, macs: float | None, model_macs: float = 10.0) -> dict:
+        return {"name": name, "seed": seed, "macs_720p": model_macs,
+                "sets": {"S": {"psnr_y": value, "macs_720p": macs}}}
+
+    bound = experiments.ClaimBound(0.1, 0.65, unchecked="the masks")
+    # seed 0 meets both bounds; seed 1 loses too much PSNR; seed 2 saves too few MACs; the means meet both
+    models = [entry("m", 0, 30.00, 5.0), entry("m", 1, 29.80, 6.0), entry("m", 2, 30.05, 7.0),
+              entry("b", 0, 30.05, None), entry("b", 1, 29.95, None), entry("b", 2, 30.05, None)]
+    sentences = report.claim_checks(("m", "b"), bound, models)
+    assert sentences == [
+        "Claim on S (m at most 0.1 dB below b at ≤ 65 % of its MACs): seed means -0.067 dB at 60.0 % of the MACs, "
+        "met; per seed met by 1 of 3 (s0).",
+        "Not checked here: the masks."]
+    # an unseeded baseline pairs with every seed; no MAC bound reads PSNR only; no bound, no sentences
+    unseeded = [entry("m", 0, 30.0, None), entry("m", 1, 29.0, None), entry("b", None, 29.5, None)]
+    assert report.claim_checks(("m", "b"), experiments.ClaimBound(0.2), unseeded) == [
+        "Claim on S (m at most 0.2 dB below b): seed means +0.000 dB at 100.0 % of the MACs, met; per seed met by "
+        "1 of 2 (s0)."]
+    assert report.claim_checks(("m", "b"), None, models) == []
 
 
 @pytest.mark.unit
