@@ -13,7 +13,8 @@ Layouts (``resolve_train_sources`` / ``resolve_eval_set``), as in docs/protocol.
 - eval only: ``div2k_valid`` (``DIV2K_valid_HR``, 0801–0900).
 
 Official LR is used when its folder exists (``lr_source="auto"``); otherwise LR is generated with the
-MATLAB-compatible bicubic and cached (``effsr.data.cache``).
+MATLAB-compatible bicubic and cached (``effsr.data.cache``). The checks of the options that size what a source
+yields (``data.scale``, batch sizes) live here too, for the modules that read sources.
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ def check_batch_size(batch_size: object, what: str) -> int:
     return int(batch_size)
 
 
-# ----------------------------------------------------------------------------------------------- sources
 def _hr_images(folder: Path, layout: str) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"data folder {folder} does not exist; expected layout: {_LAYOUTS[layout]}")
