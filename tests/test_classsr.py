@@ -16,7 +16,7 @@ import yaml
 from bounded_run import run_bounded
 
 from effsr.distributed import gather_with_grad
-from effsr.errors import ConfigError
+from effsr.errors import CheckpointError, ConfigError
 from effsr.methods.classsr import (
     Classifier,
     ClassSRModule,
@@ -86,6 +86,38 @@ def test_phases_select_trainable_parameters() -> None:
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "experiments" / "tiny" / "classsr_x4.yaml"
+
+
+@pytest.mark.unit
+def test_branches_checkpoint_starts_the_fit_from_trained_branches_and_their_split(tmp_path: Path) -> None:
+    """``branches_checkpoint``: the first phase of a fresh fit loads every branch and the split of a ClassSR
+    checkpoint (a classifier-only schedule on trained branches); a checkpoint without branches is a clear error."""
+    trained = _tiny_module()
+    with torch.no_grad():
+        for parameter in trained.network.branches.parameters():
+            parameter.add_(0.5)
+    trained.split_thresholds = [31.5, 26.0]
+    path = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {f"network.{key}": value for key, value in trained.network.state_dict().items()},
+                "effsr": {"structure": trained.structure_state()}}, path)
+    module = _tiny_module(branches_checkpoint=str(path))
+    classifier_before = {key: value.clone() for key, value in module.network.classifier.state_dict().items()}
+    assert module.on_phase_start("classifier", {})
+    for key, value in trained.network.branches.state_dict().items():
+        assert torch.equal(module.network.branches.state_dict()[key], value)
+    for key, value in module.network.classifier.state_dict().items():  # only the branches are loaded
+        assert torch.equal(value, classifier_before[key])
+    assert module.split_thresholds == [31.5, 26.0]
+    with torch.no_grad():  # loaded once: a later phase start keeps what training changed
+        next(module.network.branches.parameters()).add_(1.0)
+    changed = next(module.network.branches.parameters()).clone()
+    module.on_phase_start("joint", {})
+    assert torch.equal(next(module.network.branches.parameters()), changed)
+    backbone = tmp_path / "backbone.ckpt"
+    torch.save({"state_dict": {f"network.{key}": value for key, value in
+                               trained.network.branches[0].state_dict().items()}}, backbone)
+    with pytest.raises(CheckpointError, match="branches_checkpoint"):
+        _tiny_module(branches_checkpoint=str(backbone)).on_phase_start("classifier", {})
 
 
 def _tiny_module(**kwargs: object) -> ClassSRModule:

@@ -143,6 +143,9 @@ def test_missing_member_checkpoint_names_the_file_and_its_command(
     assert main(["fit", "--config", "tiny/nm_x4", "--model.init_args.dense_checkpoint", "dense.ckpt"]) == 2
     assert _last_error_line(capsys).startswith(
         "effsr: error: model.init_args.dense_checkpoint: checkpoint dense.ckpt does not exist")
+    assert main(["fit", "--config", "tiny/classsr_x4", "--model.init_args.branches_checkpoint", "run.ckpt"]) == 2
+    assert _last_error_line(capsys).startswith(
+        "effsr: error: model.init_args.branches_checkpoint: checkpoint run.ckpt does not exist")
 
 
 @pytest.mark.integration

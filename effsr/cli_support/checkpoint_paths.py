@@ -25,14 +25,16 @@ def member_training_command(path: str) -> str | None:
 def check_checkpoint_paths(init_args: Any, config_files: list[str]) -> None:
     """Stops before any model is built when a checkpoint file the model config names is missing.
 
-    Covers ``checkpoints`` (members of an ensemble, ``null`` = none) and ``dense_checkpoint``; the message names
-    the option, the file and the command that writes it.
+    Covers ``checkpoints`` (members of an ensemble, ``null`` = none), ``dense_checkpoint`` and ClassSR's
+    ``reference_checkpoint`` / ``branches_checkpoint``; the message names the option, the file and the command
+    that writes it.
     """
     def get(key: str) -> Any:
         return init_args.get(key) if hasattr(init_args, "get") else getattr(init_args, key, None)
 
     named = [(f"model.init_args.checkpoints[{i}]", path) for i, path in enumerate(get("checkpoints") or [])]
-    named.append(("model.init_args.dense_checkpoint", get("dense_checkpoint")))
+    named += [(f"model.init_args.{key}", get(key))
+              for key in ("dense_checkpoint", "reference_checkpoint", "branches_checkpoint")]
     source = f" (the header of {config_files[-1]} says how each is trained)" if config_files else ""
     for option, path in named:
         if not path or not isinstance(path, str) or Path(path).is_file():

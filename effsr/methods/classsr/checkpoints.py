@@ -30,6 +30,15 @@ def load_reference_weights(network: ClassSRNet, path: str) -> None:
                        what="reference_checkpoint")
 
 
+def load_branch_weights(network: ClassSRNet, path: str) -> dict[str, Any]:
+    """Loads every branch from a ClassSR checkpoint (``network.branches.*``; strict: same widths and backbone) and
+    returns that checkpoint's effsr structure state (its split), {} when it has none."""
+    checkpoint = load_network_state(network.branches, path, prefix="network.",
+                                    filter_fn=strip_prefix("branches.", required=True), what="branches_checkpoint")
+    structure = checkpoint.get("effsr", {}).get("structure") if isinstance(checkpoint, dict) else None
+    return dict(structure or {})
+
+
 def _instantiate(spec: Any) -> Any:
     """``{class_path, init_args}`` dicts (nested ones too) as objects; other values unchanged."""
     if isinstance(spec, dict) and "class_path" in spec:

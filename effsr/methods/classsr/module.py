@@ -39,7 +39,12 @@ from effsr.checkpointing import save_side_checkpoint
 from effsr.distributed import gather_with_grad, rank
 from effsr.errors import ConfigError
 from effsr.inference.tiling import RoutedOutput
-from effsr.methods.classsr.checkpoints import export_backbone, load_reference_weights, run_config_path
+from effsr.methods.classsr.checkpoints import (
+    export_backbone,
+    load_branch_weights,
+    load_reference_weights,
+    run_config_path,
+)
 from effsr.methods.classsr.cost import RoutedCostMixin
 from effsr.methods.classsr.losses import average_loss, class_loss
 from effsr.methods.classsr.network import ClassSRNet, RoutedClassSR
@@ -64,6 +69,10 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
             at the wide width, ``network.*`` keys, e.g. ``<run>/reference/reference.ckpt``, a ClassSR checkpoint,
             or a plain state dict); loaded when the pipeline starts (not in ``__init__``) and again right
             before the split is scored, so no training step touches it.
+        branches_checkpoint: a ClassSR checkpoint whose branches (and split) this fit starts from, loaded when its
+            first phase starts: a schedule of ``classifier`` (and ``joint``) alone then studies a classifier recipe
+            on trained branches without training them again (``benchmarks/classsr_routing.py`` shows why one
+            would). Not in the official code.
         wide_from_reference: the wide branch keeps the reference weights for ``branches`` (effsr's variant);
             False (official): it restarts from its initial weights after the split.
         split_model: score the split with this model instead of the reference (official: one MSRResNet for all
@@ -86,7 +95,8 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
     def __init__(self, network: ClassSRNet, *args: Any, loss_weights: tuple[float, float, float] = (1000.0, 0.5, 3.0),
                  patch_size: int = 32, stride: int = 28, route_batch_size: int | None = None,
                  force_branch: int | None = None,
-                 reference_checkpoint: str | None = None, wide_from_reference: bool = False,
+                 reference_checkpoint: str | None = None, branches_checkpoint: str | None = None,
+                 wide_from_reference: bool = False,
                  split_model: str | None = None, split_thresholds: list[float] | None = None,
                  export_backbones: bool = True,
                  split_metric: Literal["rgb", "y"] = "rgb", split_batch_size: int = 64,
@@ -120,6 +130,8 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         self.route_batch_size = route_batch_size
         self.force_branch = force_branch
         self.reference_checkpoint = reference_checkpoint
+        self.branches_checkpoint = branches_checkpoint
+        self._branches_loaded = False
         self.wide_from_reference = wide_from_reference
         self.split_metric = split_metric
         self.split_batch_size = split_batch_size
@@ -137,7 +149,6 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         self._measured_from: dict[str, Any] = {}
         self._routing_counts: Tensor | None = None
 
-    # ------------------------------------------------------------------ phases
     @property
     def num_classes(self) -> int:
         return self.network.num_classes
@@ -175,6 +186,9 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
     def on_phase_start(self, name: str, settings: dict[str, Any]) -> bool:
         """Sets the trainable set, computes the split (``split``) and restricts the data (``branches``)."""
         kind = self.phase_kind(name, settings)
+        if self.branches_checkpoint and not self._branches_loaded:  # a fresh fit's first phase
+            self.rebuild_structure(load_branch_weights(self.network, self.branches_checkpoint))
+            self._branches_loaded = True
         if kind == "reference" and self.split_model and not Path(self.split_model.partition("@")[0]).is_file():
             raise ConfigError(f"model.init_args.split_model '{self.split_model}' does not exist; train that model "
                               "first (e.g. `effsr fit --config experiments/classsr_msrresnet_x4.yaml` writes "
@@ -269,7 +283,6 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         return torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=int(steps), eta_min=float(self.phase_settings.get("eta_min", 1e-7)))
 
-    # ------------------------------------------------------------------ training
     def labels_for(self, indices: Tensor) -> Tensor:
         """Class of each training sub-image index (on the indices' device)."""
         if self.split_labels is None:
@@ -338,7 +351,6 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
         logs["branches/loss"] = loss.detach()
         return loss, logs
 
-    # ------------------------------------------------------------------ inference
     def _router(self, proportions: Sequence[float] | None = None, source: str = "") -> RoutedClassSR:
         return RoutedClassSR(self.network, self.patch_size, self.stride, self.route_batch_size, self.force_branch,
                              proportions, source)
@@ -366,7 +378,6 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
             outputs.append(self._last_route.sr)
         return torch.cat(outputs, dim=0)
 
-    # ------------------------------------------------------------------ checkpoints
     def structure_state(self) -> dict[str, Any]:
         """The split (labels per sub-image, thresholds, cache key) and the last evaluation's class counts."""
         counts = None if self._measured_counts is None else self._measured_counts.tolist()
