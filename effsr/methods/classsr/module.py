@@ -71,8 +71,8 @@ class ClassSRModule(SplitMixin, RoutedCostMixin, SRModule):
             before the split is scored, so no training step touches it.
         branches_checkpoint: a ClassSR checkpoint whose branches (and split) this fit starts from, loaded when its
             first phase starts: a schedule of ``classifier`` (and ``joint``) alone then studies a classifier recipe
-            on trained branches without training them again (``benchmarks/classsr_routing.py`` shows why one
-            would). Not in the official code.
+            on trained branches without training them again (the official ClassSR stage loads three branch files,
+            ``pretrain_model_G_branch1..3``).
         wide_from_reference: the wide branch keeps the reference weights for ``branches`` (effsr's variant);
             False (official): it restarts from its initial weights after the split.
         split_model: score the split with this model instead of the reference (official: one MSRResNet for all
