@@ -227,6 +227,12 @@ def _classsr_models(config: str) -> tuple[ModelDecl, ...]:
     )
 
 
+def _classsr_experiment(name: str, config: str, summary: str) -> Experiment:
+    """A ClassSR ×4 experiment on ``config``: the routed model against its -O, the branches alone as variants."""
+    return Experiment(name=name, scale=4, summary=summary, models=_classsr_models(config), claim=("classsr", "-O"),
+                      bound=_CLASSSR_BOUND)
+
+
 _NM_DENSE = FitStage("experiments/small/nm_x4_dense.yaml", shared=True)
 
 
@@ -327,29 +333,19 @@ EXPERIMENTS: dict[str, Experiment] = {
             claim=("smsr", "dense"),
             bound=_SMSR_BOUND,
         ),
-        Experiment(
-            name="classsr_x4",
-            scale=4,
-            summary=("ClassSR ×4, MSRResNet branches 16/24/32 (3 blocks): reference (-O, 1500 steps) → split → "
+        _classsr_experiment(
+            "classsr_x4", _CLASSSR_SMALL,
+            ("ClassSR ×4, MSRResNet branches 16/24/32 (3 blocks): reference (-O, 1500 steps) → split → "
                      "narrow 500 steps on all sub-images then 1000 on the simple class, medium 1500 from scratch on "
                      "its class, wide = -O fine-tuned 150 steps on the hard class → classifier (800 steps, official "
                      "w3 = 3, conv "
                      "init ×1.0) with frozen branches; vs its -O model (the width-32 reference on all sub-images) "
-                     "and each branch alone; class shares and FLOPs % of -O per set in the JSON."),
-            models=_classsr_models(_CLASSSR_SMALL),
-            claim=("classsr", "-O"),
-            bound=_CLASSSR_BOUND,
-        ),
-        Experiment(
-            name="classsr_x4_longcls",
-            scale=4,
-            summary=("ClassSR ×4 as classsr_x4 (same phases up to the classifier, so the same -O and branches for a "
-                     "seed on one CPU) with the classifier trained 3200 steps instead of 800: is the routed model's "
-                     "loss against -O the classifier's training length?"),
-            models=_classsr_models("experiments/small/classsr_x4_longcls.yaml"),
-            claim=("classsr", "-O"),
-            bound=_CLASSSR_BOUND,
-        ),
+                     "and each branch alone; class shares and FLOPs % of -O per set in the JSON.")),
+        _classsr_experiment(
+            "classsr_x4_longcls", "experiments/small/classsr_x4_longcls.yaml",
+            "ClassSR ×4 as classsr_x4 (same phases up to the classifier, so the same -O and branches for a seed on one "
+            "CPU) with the classifier trained 3200 steps instead of 800: is the routed model's loss against -O the "
+            "classifier's training length?"),
         Experiment(
             name="nm_x4",
             scale=4,
