@@ -162,7 +162,6 @@ class PhaseSchedule(Callback):
         self.history: list[tuple[str, int]] = []
         self.finished = False
 
-    # ------------------------------------------------------------------ queries
     @property
     def current(self) -> Phase:
         return self.phases[self.index]
@@ -176,7 +175,6 @@ class PhaseSchedule(Callback):
     def phase_step(self, global_step: int) -> int:
         return global_step - self.phase_start_step
 
-    # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, PhaseDriven):
             raise ConfigError(f"PhaseSchedule drives an effsr SRModule; got {type(pl_module).__name__}")
@@ -235,7 +233,6 @@ class PhaseSchedule(Callback):
         self.history = [tuple(item) for item in state_dict.get("history", [])]
         self.finished = bool(state_dict.get("finished", False))
 
-    # ------------------------------------------------------------------ mechanics
     def _due(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         phase = self.current
         local = self.phase_step(trainer.global_step)

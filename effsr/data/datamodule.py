@@ -145,7 +145,6 @@ class SRDataModule(L.LightningDataModule):
         self._train_batch_sampler: TrainBatchSampler | None = None
         self._train_batch_size = batch_size
 
-    # --------------------------------------------------------------------------------- resolving
     def _eval_sources(self, entries: Sequence[str], limit: int | None) -> list[tuple[str, list[PairSource]]]:
         sets = [resolve_eval_set(entry, self.data_root, self.scale, self.cache_dir, self.lr_source)
                 for entry in entries]
@@ -188,7 +187,6 @@ class SRDataModule(L.LightningDataModule):
             sets.append((name, cached))
         return sets
 
-    # --------------------------------------------------------------------------------- Lightning hooks
     def prepare_data(self) -> None:
         """Decodes every image the current stage needs into the cache (Lightning: local rank 0 only)."""
         self.build_cache(self._trainer_stage())
@@ -230,7 +228,6 @@ class SRDataModule(L.LightningDataModule):
                 raise ConfigError("predict needs data.predict_path (an LR image or a folder of LR images)")
             self.predict_dataset = PredictDataset(predict_paths(self.predict_path))
 
-    # --------------------------------------------------------------------------------- properties
     @property
     def eval_set_names(self) -> list[str]:
         """Names of the evaluation sets of the current stage (dataloader k = set k)."""
@@ -299,7 +296,6 @@ class SRDataModule(L.LightningDataModule):
         assert self.train_dataset is not None
         return self.train_dataset
 
-    # --------------------------------------------------------------------------------- dataloaders
     def _loader_kwargs(self) -> dict[str, object]:
         return {
             "num_workers": self.num_workers,

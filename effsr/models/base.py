@@ -84,7 +84,6 @@ class SRModule(EvaluationMixin, L.LightningModule):
         self._set_up = False
         self._init_evaluation()
 
-    # ------------------------------------------------------------------ properties
     @property
     def scale(self) -> int:
         return int(self.network.scale)
@@ -93,7 +92,6 @@ class SRModule(EvaluationMixin, L.LightningModule):
     def pixel_range(self) -> float:
         return float(self.network.pixel_range)
 
-    # ------------------------------------------------------------------ method hooks
     def training_loss(self, lr: Tensor, hr: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss of one batch; ``lr``/``hr`` are in the network's pixel range. Default: L1."""
         loss = F.l1_loss(self.network(lr), hr)
@@ -175,7 +173,6 @@ class SRModule(EvaluationMixin, L.LightningModule):
         network = self.deployed_network()
         return {"params": float(count_params(network)), "macs_720p": float(meta_macs_720p(network, self.scale))}
 
-    # ------------------------------------------------------------------ phases
     def enter_phase(self, name: str, settings: dict[str, Any]) -> bool:
         """Applies a phase's generic settings, then the method's :meth:`on_phase_start`."""
         self.phase_name = name
@@ -202,7 +199,6 @@ class SRModule(EvaluationMixin, L.LightningModule):
             parameter.requires_grad_("all" in prefixes or any(name.startswith(prefix) for prefix in prefixes))
         return True
 
-    # ------------------------------------------------------------------ Lightning: setup and data
     @final
     def setup(self, stage: str) -> None:
         if not self._set_up:  # a later run of the same module (fit, then test) must not reload the start weights
@@ -217,7 +213,6 @@ class SRModule(EvaluationMixin, L.LightningModule):
                 batch[key] = batch[key].float().div_(255.0)
         return batch
 
-    # ------------------------------------------------------------------ Lightning: training
     @final
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         lr, hr = batch["lr"] * self.pixel_range, batch["hr"] * self.pixel_range
@@ -268,7 +263,6 @@ class SRModule(EvaluationMixin, L.LightningModule):
     def on_train_end(self) -> None:
         self.on_fit_finished()
 
-    # ------------------------------------------------------------------ Lightning: checkpoints
     @final
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["effsr"] = {
@@ -296,7 +290,6 @@ class SRModule(EvaluationMixin, L.LightningModule):
             self.set_schedule_value(name, value)
         self._cost_cache = None
 
-    # ------------------------------------------------------------------ inference
     def super_resolve(self, lr: Tensor) -> Tensor:
         """LR in [0, 1] → SR in [0, 1] through :meth:`infer`, tiled when the image is large."""
         scaled = lr * self.pixel_range
@@ -312,7 +305,6 @@ class SRModule(EvaluationMixin, L.LightningModule):
     def forward(self, lr: Tensor) -> Tensor:
         return self.super_resolve(lr)
 
-    # ------------------------------------------------------------------ Lightning: predict
     @final
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         sr = self.super_resolve(batch["lr"])

@@ -168,7 +168,6 @@ class EvaluationMixin:
         :meth:`set_measurements` and the number of images, for a :meth:`cost_report` that reflects the last
         evaluation (``cost/<key>``, ``effsr profile``)."""
 
-    # ------------------------------------------------------------------ Lightning: evaluation
     def _set_names(self) -> list[str]:
         datamodule = getattr(self.trainer, "datamodule", None)
         return list(datamodule.eval_set_names or []) if isinstance(datamodule, NamedEvalSets) else []

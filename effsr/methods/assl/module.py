@@ -139,7 +139,6 @@ class ASSLModule(SRModule):
         if self.dense_checkpoint:
             load_dense_weights(self.network, self.dense_checkpoint)
 
-    # ------------------------------------------------------------------ structure
     @property
     def structure(self) -> ChannelStructure:
         """Free/constrained groups of the (dense or WN) network; traced once."""
@@ -230,7 +229,6 @@ class ASSLModule(SRModule):
         widths = {name: len(self.plan[key]) for key, names in self.producers.items() for name in names}
         return {name: widths[name] for name in conv_shapes(self.network) if name in widths}
 
-    # ------------------------------------------------------------------ SRModule hooks
     def on_phase_start(self, name: str, settings: dict[str, Any]) -> bool:
         if name not in PHASES:
             raise ConfigError(f"ASSLModule has no phase '{name}'; use {', '.join(PHASES)}")
@@ -358,7 +356,6 @@ class ASSLModule(SRModule):
             report["planned_macs_720p"] = float(macs_at_720p(compact, self.scale, device="meta"))
         return report
 
-    # ------------------------------------------------------------------ logging
     def on_eval_end(self, stage: str) -> None:
         """After each validation while the network is weight-normalised: histograms of |γ| per group kind."""
         if stage == "val" and self.stage == "wn":

@@ -134,7 +134,6 @@ class NMSparsityModule(SRModule):
     def cost_fraction(self) -> float:
         return float(sparse_cost_fraction(self.network, differentiable=False))
 
-    # -------------------------------------------------------------- hooks
     def parameters_to_train(self) -> list[dict[str, Any]]:
         scores = [layer.scores for layer in self.layers().values() if layer.scores.requires_grad]
         score_ids = {id(score) for score in scores}
