@@ -329,3 +329,33 @@ def test_model_arguments_resolve_names_and_run_configs(tmp_path: Path, monkeypat
     assert specs[0].configs == specs[1].configs == ((run / "config.yaml").resolve(),)
     assert specs[3].configs == (other.resolve(),)
     assert specs[3].checkpoint == (run / "checkpoints" / "last.ckpt").resolve()
+
+
+@pytest.mark.unit
+def test_compare_methods_page_keeps_the_hand_written_reading_and_names_the_fronts(tmp_path: Path) -> None:
+    render = _load_harness("_compare_report")
+
+    def record(model: str, set_name: str, psnr_y: float, gmacs: float, ms: float) -> dict:
+        return {"scale": 2, "model": model, "experiment": "smsr_x2", "role": "method", "set": set_name,
+                "n_images": 5, "psnr_y": psnr_y, "ssim_y": 0.9, "gmacs_720p": gmacs, "params": 2e3,
+                "cpu_ms_720p": ms, "paper_cost_g": gmacs, "paper_cost_unit": "MACs@720p", "measured": True}
+
+    # "slow" buys the best PSNR with the highest cost (on both fronts); "fast" beats "worse" on PSNR and both costs
+    records = [record("bicubic", "S", 30.0, 0.0, 1.0), record("fast", "S", 31.0, 2.0, 10.0),
+               record("slow", "S", 31.5, 8.0, 90.0), record("worse", "S", 30.8, 4.0, 20.0)]
+    table = render.markdown_table(records)
+    assert "| ×2 | fast | smsr_x2 | 31.00 / 0.9000 | 2.000 | 2.0K | 10 | 2 G MACs@720p |" in table
+    (fact,) = render.facts(records)
+    assert fact.startswith("×2 S: Pareto front by GMACs bicubic, fast, slow; by CPU ms bicubic, fast, slow.")
+    assert "fast +1.00 dB = 0.500 dB/GMAC, 10.000 dB/100 ms" in fact and "worse" in fact
+    docs = tmp_path / "comparison.md"
+    result = {"command": "python benchmarks/compare_methods.py", "carried": {}, "test": ["S"], "cpu": "some CPU",
+              "threads": 1, "latency_repeats": 1, "missing": [], "notes": [], "facts": [fact],
+              "models": {2: [{"name": name, "experiment": "smsr_x2"} for name in ("fast", "slow")]}}
+    render.write_docs(docs, records, result, [])
+    assert "_To be written after looking at the numbers._" in docs.read_text()
+    docs.write_text(docs.read_text().replace("_To be written after looking at the numbers._", "fast wins."))
+    render.write_docs(docs, records, {**result, "facts": ["new fact"]}, [])
+    text = docs.read_text()
+    assert "<!-- reading begin -->\nfast wins.\n<!-- reading end -->" in text and "- new fact" in text
+    assert table in text and "smsr_x2 (SMSR's released checkpoint and its main table are ×2)" in text
