@@ -512,6 +512,12 @@ def test_unstarted_branch_is_warned_about(tmp_path: Path, photo_folder: Path) ->
         assert module.warn_unstarted_branches(datamodule=datamodule) == [0]
     assert not any("branch 1" in str(item.message) for item in record)
     assert module.warn_unstarted_branches() == []            # no trainer, no data module: nothing checked
+    # a classifier phase on random crops (no grid sub-images) checks epoch 0's first crops instead of failing
+    crops = SRDataModule(scale=4, train=str(photo_folder), train_crop="random", lr_patch_size=32, num_workers=0,
+                         val_sets=[], cache_dir=str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="branch 0 has not started learning"):
+        assert module.warn_unstarted_branches(datamodule=crops) == [0]
+    assert module._first_subimages(8, crops).shape[-2:] == (32, 32)
 
 
 @pytest.mark.unit

@@ -254,15 +254,20 @@ class SplitMixin:
             log_image(logger, "classsr/split_psnr_histogram", image, caption=title, step=self.global_step)
 
     def _first_subimages(self, count: int, datamodule: Any = None) -> Tensor | None:
-        """The first ``count`` training sub-images (LR, range 1) on the network's device; None without a trainer
-        and without ``datamodule``."""
+        """The first ``count`` training sub-images (LR, range 1) on the network's device (``train_crop: random``:
+        epoch 0's first crops, e.g. a classifier phase on random crops); None without a trainer and without
+        ``datamodule``."""
         if datamodule is None and self._trainer is None:
             return None
         datamodule = self._datamodule() if datamodule is None else datamodule
         if getattr(datamodule, "train_dataset", None) is None:
             datamodule.setup("fit")
-        batch = next(iter(datamodule.subimage_dataloader(batch_size=count, split_across_ranks=False)))
-        return batch["lr"].to(next(self.network.parameters()).device).float().div_(255.0)
+        if getattr(datamodule, "train_crop", "grid") == "grid":
+            lr = next(iter(datamodule.subimage_dataloader(batch_size=count, split_across_ranks=False)))["lr"]
+        else:
+            dataset = datamodule.train_dataset
+            lr = torch.stack([dataset[index]["lr"] for index in range(min(count, len(dataset)))])
+        return lr.to(next(self.network.parameters()).device).float().div_(255.0)
 
     @torch.no_grad()
     def warn_constant_classifier(self, threshold: float = 1e-4, count: int = 64,
